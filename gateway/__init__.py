@@ -1,0 +1,1 @@
+"""A resilient, OpenAI-compatible LLM gateway with deadline propagation."""

@@ -1,0 +1,369 @@
+"""Gateway configuration: immutable, validated objects loaded from YAML.
+
+Every duration is in seconds (`*_s`). `${VAR}` strings are read from the environment at load
+time; nothing reads the environment after that. Every error names the key path it is about.
+
+    load_config(path, env)   YAML file -> Config, or ConfigError listing *every* problem
+    parse_config(data, env)  the same for an already-parsed YAML document
+    describe_config(config)  the resolved config as text for `check-config`, secrets masked
+
+The generic machinery (typed reads that collect errors, `${VAR}` expansion, YAML file reading)
+is in `gateway.config_loader`; this module holds the schema.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.config_loader import ConfigError, Reader, got, read_yaml
+
+__all__ = [
+    "RETRY_CONDITIONS",
+    "ApiKey",
+    "AuthConfig",
+    "Budget",
+    "Config",
+    "ConfigError",
+    "DeadlineConfig",
+    "RetryPolicy",
+    "Route",
+    "ServerConfig",
+    "Target",
+    "UpstreamConfig",
+    "describe_config",
+    "load_config",
+    "parse_config",
+]
+
+# Conditions a route may retry on: transport-level ones by name, HTTP statuses by number.
+RETRY_CONDITIONS = frozenset({"connect", "ttft", "protocol"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadlineConfig:
+    """`server.deadline`: the ceiling on any request's deadline and how client hints apply."""
+
+    max_s: float = 600.0
+    margin_s: float = 0.05
+    client_headers: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """`server`: limits for the HTTP front end."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    deadline: DeadlineConfig = field(default_factory=DeadlineConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    """One client credential; `name` is what logs and metrics show, never `key`."""
+
+    name: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    """`auth`: accepted client keys. `Config.auth is None` means open access."""
+
+    keys: tuple[ApiKey, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    """One upstream: where it is, its credential, and its bulkhead (`max_pending` 0 means no
+    queue: shed as soon as all `max_connections` are busy)."""
+
+    name: str
+    base_url: str  # normalised: no trailing slash
+    api_key: str | None = field(default=None, repr=False)
+    max_connections: int = 64
+    max_pending: int = 256
+    connect_s: float = 2.0
+    keepalive_expiry_s: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """One place a route can send a request: an upstream and the model name it expects."""
+
+    upstream: str
+    model: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """A route's time budget: whole request, first content event, gap between content
+    events, one attempt. The loader guarantees ttft_s <= attempt_s <= total_s, idle_s <= total_s."""
+
+    total_s: float = 120.0
+    ttft_s: float = 30.0
+    idle_s: float = 30.0
+    attempt_s: float = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Tries per target (the first included) and what may be retried: names from
+    RETRY_CONDITIONS or HTTP statuses."""
+
+    attempts: int = 1
+    backoff_s: float = 0.2
+    retry_on: frozenset[str | int] = frozenset({"connect", 429, 502, 503, 504})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """A model name clients send, with targets tried in order (later ones are fallbacks)."""
+
+    model: str
+    targets: tuple[Target, ...]
+    budget: Budget = field(default_factory=Budget)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole gateway configuration, as `load_config` returns it."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig | None = None
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; `env` (default: `os.environ`) fills `${VAR}`s.
+    Raises ConfigError listing every problem, file and syntax errors included."""
+    data, duplicates = read_yaml(Path(path))
+    try:
+        config = parse_config(data, os.environ if env is None else env)
+    except ConfigError as exc:
+        raise ConfigError([*duplicates, *exc.errors]) from None
+    if duplicates:
+        raise ConfigError(duplicates)
+    return config
+
+
+def parse_config(data: object, env: Mapping[str, str]) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem at once."""
+    if data is None:
+        raise ConfigError("config: is empty; expected a mapping with upstreams and routes")
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"config: must be a mapping with keys server, auth, upstreams, routes{got(data)}"
+        )
+    errors: list[str] = []
+    top = Reader(data, "", env, errors)
+    server = _read_server(top.section("server"))
+    auth_section = top.section("auth")
+    auth = _read_auth(auth_section) if top.has("auth") and top.ok("auth") else None
+    upstreams: list[UpstreamConfig] = []
+    seen: dict[str, str] = {}
+    for r in top.sections("upstreams"):
+        upstreams.append(_read_upstream(r))
+        _unique(r, "name", upstreams[-1].name, seen, f'upstream name "{upstreams[-1].name}"')
+    names = tuple(seen)
+    routes: list[Route] = []
+    seen = {}
+    for r in top.sections("routes"):
+        routes.append(_read_route(r, names, server.deadline.max_s))
+        _unique(r, "model", routes[-1].model, seen, f'route model "{routes[-1].model}"')
+    top.unknown_keys()
+    if errors:
+        raise ConfigError(errors)
+    return Config(server=server, auth=auth, upstreams=tuple(upstreams), routes=tuple(routes))
+
+
+def _read_server(r: Reader) -> ServerConfig:
+    default = ServerConfig()
+    max_body_bytes = r.integer("max_body_bytes", default.max_body_bytes)
+    d = r.section("deadline")
+    max_s = d.seconds("max_s", default.deadline.max_s)
+    margin_s = d.seconds("margin_s", default.deadline.margin_s, allow_zero=True)
+    if d.ok("max_s", "margin_s") and margin_s >= max_s:
+        d.error("margin_s", f"must be less than max_s ({_num(max_s)})")
+    client_headers = d.boolean("client_headers", default.deadline.client_headers)
+    d.unknown_keys()
+    r.unknown_keys()
+    deadline = DeadlineConfig(max_s=max_s, margin_s=margin_s, client_headers=client_headers)
+    return ServerConfig(max_body_bytes=max_body_bytes, deadline=deadline)
+
+
+def _read_auth(r: Reader) -> AuthConfig:
+    keys: list[ApiKey] = []
+    names: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for k in r.sections("keys"):
+        keys.append(ApiKey(name=k.text("name"), key=k.text("key", secret=True)))
+        _unique(k, "name", keys[-1].name, names, f'key name "{keys[-1].name}"')
+        _unique(k, "key", keys[-1].key, secrets, "key")  # never quote the secret
+        k.unknown_keys()
+    r.unknown_keys()
+    return AuthConfig(keys=tuple(keys))
+
+
+def _read_upstream(r: Reader) -> UpstreamConfig:
+    default = UpstreamConfig(name="", base_url="")
+    upstream = UpstreamConfig(
+        name=r.text("name"),
+        base_url=_read_base_url(r),
+        api_key=r.optional_text("api_key", secret=True),
+        max_connections=r.integer("max_connections", default.max_connections),
+        max_pending=r.integer("max_pending", default.max_pending, minimum=0),
+        connect_s=r.seconds("connect_s", default.connect_s),
+        keepalive_expiry_s=r.seconds("keepalive_expiry_s", default.keepalive_expiry_s),
+    )
+    r.unknown_keys()
+    return upstream
+
+
+def _read_base_url(r: Reader) -> str:
+    url = r.text("base_url")
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. a non-numeric port
+        valid = False
+    if not valid:  # the URL is not quoted: it may carry credentials
+        r.error("base_url", "must be an http:// or https:// URL with a host")
+    elif parts.query or parts.fragment:
+        r.error("base_url", "must not have a query or fragment")
+    return url.rstrip("/")
+
+
+def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
+    model = r.text("model")
+    targets: list[Target] = []
+    for t in r.sections("targets"):
+        upstream = t.text("upstream")
+        if upstream and upstreams and upstream not in upstreams:
+            defined = ", ".join(upstreams)
+            t.error("upstream", f'unknown upstream "{upstream}" (defined: {defined})')
+        targets.append(Target(upstream=upstream, model=t.optional_text("model") or model))
+        t.unknown_keys()
+    budget = _read_budget(r.section("budget"), max_s)
+    retry = _read_retry(r.section("retry"))
+    r.unknown_keys()
+    return Route(model=model, targets=tuple(targets), budget=budget, retry=retry)
+
+
+def _read_budget(r: Reader, max_s: float) -> Budget:
+    """Unset values default within the set ones, so `total_s: 10` alone is valid; set values
+    must nest: ttft_s <= attempt_s <= total_s <= server.deadline.max_s, idle_s <= total_s."""
+    default = Budget()
+    total_s = r.seconds("total_s", min(default.total_s, max_s))
+    attempt_s = r.seconds("attempt_s", total_s)
+    ttft_s = r.seconds("ttft_s", min(default.ttft_s, attempt_s))
+    idle_s = r.seconds("idle_s", min(default.idle_s, total_s))
+    if r.ok("total_s") and total_s > max_s:
+        r.error("total_s", f"must not exceed server.deadline.max_s ({_num(max_s)})")
+    bounds = {"attempt_s": attempt_s, "total_s": total_s}
+    ttft_bound = "attempt_s" if r.has("attempt_s") else "total_s"  # name the key the user set
+    for key, value, bound_key in [
+        ("ttft_s", ttft_s, ttft_bound),
+        ("attempt_s", attempt_s, "total_s"),
+        ("idle_s", idle_s, "total_s"),
+    ]:
+        if r.has(key) and r.ok(key, bound_key) and value > bounds[bound_key]:
+            r.error(key, f"must not exceed {bound_key} ({_num(bounds[bound_key])})")
+    r.unknown_keys()
+    return Budget(total_s=total_s, ttft_s=ttft_s, idle_s=idle_s, attempt_s=attempt_s)
+
+
+def _read_retry(r: Reader) -> RetryPolicy:
+    default = RetryPolicy()
+    attempts = r.integer("attempts", default.attempts)
+    backoff_s = r.seconds("backoff_s", default.backoff_s, allow_zero=True)
+    conditions = (
+        _retry_condition(r, key, item)
+        for key, item in r.items("retry_on", required=False, allow_empty=True)
+    )
+    retry_on = frozenset(c for c in conditions if c is not None)
+    policy = RetryPolicy(
+        attempts=attempts,
+        backoff_s=backoff_s,
+        retry_on=retry_on if r.has("retry_on") else default.retry_on,
+    )
+    r.unknown_keys()
+    return policy
+
+
+def _retry_condition(r: Reader, key: str, item: object) -> str | int | None:
+    value = r.expand(key, item) if isinstance(item, str) else item
+    if isinstance(value, str) and re.fullmatch("[0-9]+", value):
+        value = int(value)  # "503": a quoted YAML scalar or a ${VAR}
+    if isinstance(value, str) and value in RETRY_CONDITIONS:
+        return value
+    if type(value) is int and 400 <= value <= 599:
+        return value
+    if r.ok(key):  # not already reported as a missing ${VAR}
+        allowed = ", ".join(sorted(RETRY_CONDITIONS))
+        r.error(key, f"must be one of {allowed} or an HTTP status 400..599{got(item)}")
+    return None
+
+
+def _unique(r: Reader, key: str, value: str, seen: dict[str, str], what: str) -> None:
+    """Report `key` if `value` was seen before; `what` describes it (without a secret)."""
+    if value in seen:
+        r.error(key, f"duplicate {what} (first at {seen[value]})")
+    elif value:
+        seen[value] = r.at(key)
+
+
+def describe_config(config: Config) -> str:
+    """The resolved config, one line per server/auth/upstream/route, targets in order.
+    Secrets (API keys, credentials in URLs) are masked."""
+    deadline = config.server.deadline
+    lines = [
+        f"server: max_body_bytes={config.server.max_body_bytes} "
+        f"deadline.max_s={_num(deadline.max_s)} margin_s={_num(deadline.margin_s)} "
+        f"client_headers={str(deadline.client_headers).lower()}"
+    ]
+    if config.auth is None:
+        lines.append("auth: none (open access)")
+    else:
+        names = ", ".join(key.name for key in config.auth.keys)
+        count = len(config.auth.keys)
+        lines.append(f"auth: {count} key{'s' * (count != 1)} ({names})")
+    for u in config.upstreams:
+        lines.append(
+            f"upstream {u.name}  {_mask_url(u.base_url)}  "
+            f"api_key={'***' if u.api_key else 'none'}  max_connections={u.max_connections} "
+            f"max_pending={u.max_pending} connect_s={_num(u.connect_s)} "
+            f"keepalive_expiry_s={_num(u.keepalive_expiry_s)}"
+        )
+    for route in config.routes:
+        b, retry = route.budget, route.retry
+        conditions = sorted(retry.retry_on, key=lambda c: (isinstance(c, int), str(c)))
+        lines.append(
+            f"route {route.model}  budget total_s={_num(b.total_s)} ttft_s={_num(b.ttft_s)} "
+            f"idle_s={_num(b.idle_s)} attempt_s={_num(b.attempt_s)}  retry "
+            f"attempts={retry.attempts} backoff_s={_num(retry.backoff_s)} "
+            f"on=[{', '.join(map(str, conditions))}]"
+        )
+        for i, target in enumerate(route.targets, 1):
+            fallback = " (fallback)" if i > 1 else ""
+            lines.append(f"  {i}. {target.upstream} -> {target.model}{fallback}")
+    return "\n".join(lines)
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def _num(value: float) -> str:
+    """A number as written: 600, 0.05 (no trailing .0)."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
