@@ -1,0 +1,130 @@
+"""Wiring: the Starlette application for a config. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from gateway.config import Config
+from gateway.errors import GatewayError, envelope
+from gateway.inflight import Inflight
+from gateway.proxy import Gateway, ProxyEndpoint
+from gateway.routing import Router
+from gateway.simulator import create_simulator_app
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+SIMULATOR_PREFIX = "/sim-upstream"
+PROXIED_PATHS = ("chat/completions", "completions", "embeddings")
+
+
+def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
+    """The gateway for `config`; `with_simulator` also serves the simulator (the demo)."""
+    upstreams = {spec.name: Upstream(spec) for spec in config.upstreams}
+    gateway = Gateway(
+        config=config, router=Router(config), upstreams=upstreams, inflight=Inflight()
+    )
+    created = int(time.time())
+
+    async def models(request: Request) -> Response:
+        gateway.authenticate(request.headers)
+        data = [
+            {"id": model, "object": "model", "created": created, "owned_by": "llm-gateway"}
+            for model in gateway.router.models
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready = getattr(request.app.state, "ready", False)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def inflight(request: Request) -> Response:
+        pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
+        return JSONResponse({"inflight": gateway.inflight.snapshot(), "pools": pools})
+
+    routes: list[BaseRoute] = [
+        Route(f"/v1/{path}", ProxyEndpoint(gateway, path), methods=["POST"])
+        for path in PROXIED_PATHS
+    ]
+    routes += [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/debug/inflight", inflight, methods=["GET"]),
+    ]
+    if with_simulator:
+        routes.append(Mount(SIMULATOR_PREFIX, app=create_simulator_app()))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if config.auth is None:
+            log.warning("No auth.keys configured: the gateway is open to anyone who can reach it.")
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for upstream in upstreams.values():
+                await upstream.aclose()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def _error_response(error: GatewayError) -> Response:
+    return Response(
+        error.body(),
+        status_code=error.status,
+        headers=error.headers(),
+        media_type="application/json",
+    )
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = envelope(
+        f"{request.method} {request.url.path}: {exc.detail}",
+        type="invalid_request_error",
+        code=code,
+    )
+    return Response(
+        body,
+        status_code=exc.status_code,
+        headers={**(exc.headers or {}), "x-should-retry": "false"},
+        media_type="application/json",
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error serving %s", request.url.path, exc_info=exc)
+    body = envelope("Internal gateway error.", type="server_error", code="internal_error")
+    return Response(
+        body, status_code=500, headers={"x-should-retry": "false"}, media_type="application/json"
+    )

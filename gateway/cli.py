@@ -1,0 +1,132 @@
+"""`llm-gateway`: serve, check-config, simulate. Wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+
+from gateway.app import SIMULATOR_PREFIX, create_app
+from gateway.config import ConfigError, describe_config, load_config
+from gateway.demo import demo_config, demo_models
+from gateway.simulator import create_simulator_app
+
+DEFAULT_CONFIG = Path("gateway.yaml")
+# How `serve` hands its choice to the app factory, which runs in every worker process.
+_CONFIG_ENV = "LLM_GATEWAY_SERVE_CONFIG"
+_DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
+_GRACEFUL_SHUTDOWN_S = 10
+_DEMO_BODY = '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"serve": _serve, "check-config": _check_config, "simulate": _simulate}
+    return handler[args.command](args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description="A resilient OpenAI-compatible LLM gateway."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help=f"YAML config (default: ./{DEFAULT_CONFIG})")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info")
+    check = commands.add_parser("check-config", help="validate a config and print its routes")
+    check.add_argument("file", type=Path)
+    simulate = commands.add_parser("simulate", help="run the fault-injecting upstream simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8000)
+    simulate.add_argument("--log-level", default="info")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    if path is not None:
+        try:
+            load_config(path)  # fail here, once, with every error, before any worker starts
+        except ConfigError as error:
+            _print_errors(path, error)
+            return 1
+        os.environ[_CONFIG_ENV] = str(path.resolve())
+    else:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        base = f"http://{host}:{args.port}"
+        os.environ[_DEMO_URL_ENV] = f"{base}{SIMULATOR_PREFIX}/v1"
+        _print_demo_banner(base)
+    _configure_logging(args.log_level)
+    uvicorn.run(
+        "gateway.cli:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+def app_factory() -> Starlette:
+    """Build the app in a server process from what `serve` decided."""
+    _configure_logging("info")
+    path = os.environ.get(_CONFIG_ENV)
+    if path is not None:
+        return create_app(load_config(path))
+    return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as error:
+        _print_errors(args.file, error)
+        return 1
+    print(describe_config(config))  # noqa: T201 - the command's output
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    uvicorn.run(create_simulator_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _print_errors(path: Path, error: ConfigError) -> None:
+    print(f"{path}: {len(error.errors)} error(s)", file=sys.stderr)  # noqa: T201
+    for line in error.errors:
+        print(f"  {line}", file=sys.stderr)  # noqa: T201
+
+
+def _print_demo_banner(base: str) -> None:
+    models = ", ".join(demo_models())
+    print(  # noqa: T201 - the first thing a new user reads
+        f"No config given and no ./{DEFAULT_CONFIG}: serving the built-in demo.\n"
+        f"Its upstream is the simulator at {base}{SIMULATOR_PREFIX}. Models: {models}.\n"
+        f"Try:\n"
+        f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        f'    -d \'{{"model": "demo", "messages": [{{"role": "user", "content": "hi"}}]}}\'',
+        flush=True,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Deadline arithmetic and client deadline hints (pure; the clock is passed in or read once).
+
+A request's deadline is an absolute time on the event-loop clock, fixed at arrival: the
+tightest of the route's `total_s`, `server.deadline.max_s` and every client hint, minus the
+margin that lets the gateway (not the client) report the timeout. Hints can only shorten.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+
+from gateway.config import Budget, DeadlineConfig
+from gateway.errors import BadRequest
+
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+_SECONDS = re.compile(r"^\d+(\.\d+)?$")
+
+# Hints that bound the whole request, with their parsers.
+_TOTAL_HINTS = ("x-request-timeout-ms", "grpc-timeout", "x-stainless-timeout", "x-litellm-timeout")
+# The Python `openai` SDK's read timeout: the whole response when not streaming, the first
+# token and every gap when streaming (it times each socket read).
+_READ_HINT = "x-stainless-read-timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    at: float  # anyio.current_time() clock
+    source: Literal["route", "client"]
+
+    def remaining(self) -> float:
+        return self.at - anyio.current_time()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHints:
+    total_s: float | None = None  # tightest whole-request hint
+    read_s: float | None = None  # x-stainless-read-timeout
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBudget:
+    """Everything one request may spend, resolved at arrival."""
+
+    deadline: Deadline
+    ttft_s: float
+    idle_s: float
+    attempt_s: float
+    margin_s: float
+
+
+def parse_hints(headers: Mapping[str, str]) -> ClientHints:
+    """Read the deadline hints of DESIGN §5; a malformed one is a 400 naming the header."""
+    totals = [_parse_total(name, headers[name]) for name in _TOTAL_HINTS if name in headers]
+    read = headers.get(_READ_HINT)
+    return ClientHints(
+        total_s=min(totals) if totals else None,
+        read_s=_parse_seconds(_READ_HINT, read) if read is not None else None,
+    )
+
+
+def resolve_budget(
+    *,
+    arrival: float,
+    budget: Budget,
+    limits: DeadlineConfig,
+    hints: ClientHints,
+    stream: bool,
+) -> RequestBudget:
+    client_total = hints.total_s
+    client_gap = None
+    if hints.read_s is not None:
+        if stream:
+            client_gap = hints.read_s
+        else:
+            client_total = _min(client_total, hints.read_s)
+    server_total = min(budget.total_s, limits.max_s)
+    source: Literal["route", "client"] = "route"
+    total = server_total
+    if client_total is not None and client_total < server_total:
+        total, source = client_total, "client"
+    deadline = Deadline(at=arrival + total - limits.margin_s, source=source)
+    gap_cap = math.inf if client_gap is None else client_gap - limits.margin_s
+    return RequestBudget(
+        deadline=deadline,
+        ttft_s=min(budget.ttft_s, gap_cap),
+        idle_s=min(budget.idle_s, gap_cap),
+        attempt_s=budget.attempt_s,
+        margin_s=limits.margin_s,
+    )
+
+
+def budget_ceiling(*, arrival: float, limits: DeadlineConfig, hints: ClientHints) -> float:
+    """The latest a request can possibly end, known before its route: bounds the body upload."""
+    total = _min(hints.total_s, hints.read_s)
+    return arrival + min(limits.max_s, math.inf if total is None else total) - limits.margin_s
+
+
+def timeout_header_ms(seconds: float) -> str:
+    """`X-Request-Timeout-Ms` for what remains (never negative)."""
+    return str(max(0, math.floor(seconds * 1000)))
+
+
+def _parse_total(name: str, value: str) -> float:
+    if name == "x-request-timeout-ms":
+        if not value.strip().isdigit():
+            raise _malformed(name, value, "a non-negative integer number of milliseconds")
+        return int(value) / 1000
+    if name == "grpc-timeout":
+        match = _GRPC_TIMEOUT.match(value.strip())
+        if match is None:
+            raise _malformed(name, value, "gRPC timeout format such as 1500m or 2S")
+        return int(match[1]) * _GRPC_UNITS[match[2]]
+    return _parse_seconds(name, value)
+
+
+def _parse_seconds(name: str, value: str) -> float:
+    if not _SECONDS.match(value.strip()):
+        raise _malformed(name, value, "a non-negative number of seconds")
+    return float(value)
+
+
+def _malformed(name: str, value: str, expected: str) -> BadRequest:
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    return BadRequest(
+        f"Invalid {name} header {shown!r}: expected {expected}.",
+        code="invalid_deadline_header",
+        param=name,
+    )
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

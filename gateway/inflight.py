@@ -1,0 +1,87 @@
+"""The record of one request in flight, and the registry `/debug/inflight` lists."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from gateway.deadline import RequestBudget
+
+Phase = Literal["queued", "connecting", "waiting_first_token", "streaming", "done"]
+
+
+@dataclass(eq=False, kw_only=True)
+class Exchange:
+    """What one request has done so far; the relay moves it along, the proxy reads it."""
+
+    request_id: str
+    route: str
+    stream: bool
+    arrival: float
+    budget: RequestBudget
+    phase: Phase = "queued"
+    upstream: str | None = None
+    attempts: int = 0
+    committed: bool = False  # response headers went to the client: no more fallback
+    finishing: bool = False  # the last message is being sent: a disconnect now is normal
+    disconnected: bool = False
+    queue_s: float = 0.0
+    upstream_s: float | None = None  # request sent until upstream response headers
+    ttft_s: float | None = None  # arrival until the first content event
+    last_content_at: float | None = None
+    started_at: float = field(default_factory=anyio.current_time)
+
+    def server_timing(self) -> str:
+        parts = [f"queue;dur={self.queue_s * 1000:.1f}"]
+        if self.upstream_s is not None:
+            parts.append(f"upstream;dur={self.upstream_s * 1000:.1f}")
+        if self.ttft_s is not None:
+            parts.append(f"ttft;dur={self.ttft_s * 1000:.1f}")
+        parts.append(f"total;dur={(anyio.current_time() - self.arrival) * 1000:.1f}")
+        return ", ".join(parts)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        since = self.last_content_at if self.last_content_at is not None else self.arrival
+        return {
+            "id": self.request_id,
+            "route": self.route,
+            "upstream": self.upstream,
+            "phase": self.phase,
+            "stream": self.stream,
+            "attempts": self.attempts,
+            "age_s": round(now - self.arrival, 3),
+            "since_content_s": round(now - since, 3),
+            "remaining_s": round(self.budget.deadline.at - now, 3),
+        }
+
+
+class Inflight:
+    def __init__(self) -> None:
+        self._exchanges: set[Exchange] = set()
+
+    def __len__(self) -> int:
+        return len(self._exchanges)
+
+    @contextmanager
+    def track(self, exchange: Exchange) -> Iterator[Exchange]:
+        self._exchanges.add(exchange)
+        try:
+            yield exchange
+        finally:
+            self._exchanges.discard(exchange)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = anyio.current_time()
+        return sorted(
+            (exchange.snapshot(now) for exchange in self._exchanges),
+            key=lambda row: -float(row["age_s"]),
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,218 @@
+"""The proxy endpoint (pure ASGI): admit a request, fix its deadline, relay it, watch the client.
+
+auth → deadline hints → body (bounded size, bounded time) → JSON → route → budget
+then, with a watcher on `receive()` that cancels everything if the client goes away,
+the relay (`gateway.relay`) does the upstream exchange and answers every failure.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from gateway.config import Config, Route
+from gateway.deadline import ClientHints, budget_ceiling, parse_hints, resolve_budget
+from gateway.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    BudgetExceeded,
+    GatewayError,
+    RequestTooLarge,
+)
+from gateway.inflight import Exchange, Inflight, new_request_id
+from gateway.relay import Relay
+from gateway.responses import ClientGone, ResponseWriter
+from gateway.routing import Router
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway.access")
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """Everything a request needs, built once by `create_app(config)`."""
+
+    config: Config
+    router: Router
+    upstreams: Mapping[str, Upstream]
+    inflight: Inflight
+
+    def authenticate(self, headers: Headers) -> None:
+        auth = self.config.auth
+        if auth is None:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # Compare with every key, so the time taken says nothing about which one was close.
+        matches = [hmac.compare_digest(given, key.key.encode()) for key in auth.keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise AuthenticationFailed(
+                "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+
+
+class ProxyEndpoint:
+    def __init__(self, gateway: Gateway, path: str) -> None:
+        self.gateway = gateway
+        self.path = path  # relative to the upstream's base_url, e.g. "chat/completions"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrival = anyio.current_time()
+        headers = Headers(scope=scope)
+        request_id = _request_id(headers)
+        writer = ResponseWriter(send)
+        reply_headers = {"x-request-id": request_id}
+        try:
+            exchange, route, payload = await self._admit(arrival, headers, receive, request_id)
+        except GatewayError as error:
+            _log_line(request_id, self.path, "-", error.status, error.code, arrival)
+            await writer.error(error, reply_headers)
+            return
+        except ClientGone:
+            _log_line(request_id, self.path, "-", 499, "client_disconnect", arrival)
+            return
+        relay = Relay(
+            exchange=exchange,
+            route=route,
+            path=self.path,
+            payload=payload,
+            upstreams=self.gateway.upstreams,
+            writer=writer,
+            headers=reply_headers,
+        )
+        failure: GatewayError | None = None
+        with self.gateway.inflight.track(exchange):
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_disconnect, receive, exchange, group.cancel_scope)
+                try:
+                    failure = await relay.run()
+                except ClientGone:
+                    exchange.disconnected = True
+                group.cancel_scope.cancel()  # the response is done: stop watching
+        if exchange.disconnected:
+            outcome, status = "client_disconnect", 499
+        elif failure is not None:
+            outcome, status = failure.code, failure.status
+        else:
+            outcome, status = "ok", 200
+        _log_line(request_id, self.path, exchange.route, status, outcome, arrival, exchange)
+
+    async def _admit(
+        self, arrival: float, headers: Headers, receive: Receive, request_id: str
+    ) -> tuple[Exchange, Route, dict[str, Any]]:
+        config = self.gateway.config
+        self.gateway.authenticate(headers)
+        limits = config.server.deadline
+        hints = parse_hints(headers) if limits.client_headers else ClientHints()
+        body = None
+        ceiling = budget_ceiling(arrival=arrival, limits=limits, hints=hints)
+        with anyio.CancelScope(deadline=ceiling):
+            body = await _read_body(receive, headers, config.server.max_body_bytes)
+        if body is None:  # a slow upload counts against the deadline
+            raise BudgetExceeded("total", "The request body did not arrive within the deadline.")
+        payload, model, stream = parse_payload(body)
+        route = self.gateway.router.route_for(model)
+        budget = resolve_budget(
+            arrival=arrival, budget=route.budget, limits=limits, hints=hints, stream=stream
+        )
+        if budget.deadline.remaining() <= 0:
+            raise BudgetExceeded("total", "The request's deadline passed before it could start.")
+        exchange = Exchange(
+            request_id=request_id, route=model, stream=stream, arrival=arrival, budget=budget
+        )
+        return exchange, route, payload
+
+
+def parse_payload(body: bytes) -> tuple[dict[str, Any], str, bool]:
+    """The JSON object, its `model` and whether it asks for a stream; 400 on anything else."""
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_request")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(
+            "The request must name a model: 'model' must be a non-empty string.",
+            code="invalid_request",
+            param="model",
+        )
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false.", code="invalid_request", param="stream")
+    return payload, model, stream
+
+
+async def _read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
+    """The whole body, refused as soon as it is known to exceed `limit`."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body exceeds the limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+async def _watch_disconnect(receive: Receive, exchange: Exchange, scope: anyio.CancelScope) -> None:
+    """Cancel the exchange when the client goes away, in any phase, streaming or not."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # uvicorn reports a disconnect at once after the last message: that one is normal.
+            if not exchange.finishing:
+                exchange.disconnected = True
+                scope.cancel()
+            return
+
+
+def _request_id(headers: Headers) -> str:
+    given = headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return new_request_id()
+
+
+def _log_line(
+    request_id: str,
+    path: str,
+    route: str,
+    status: int,
+    outcome: str,
+    arrival: float,
+    exchange: Exchange | None = None,
+) -> None:
+    elapsed_ms = (anyio.current_time() - arrival) * 1000
+    upstream = exchange.upstream if exchange else None
+    attempts = exchange.attempts if exchange else 0
+    log.info(
+        "request_id=%s path=/v1/%s route=%s status=%d outcome=%s upstream=%s attempts=%d ms=%.1f",
+        request_id, path, route, status, outcome, upstream or "-", attempts, elapsed_ms,
+    )  # fmt: skip

@@ -1,0 +1,254 @@
+"""One request's upstream exchange: attempts within the deadline, then the relay to the client.
+
+    with deadline scope:                       the whole request: total_s and client hints
+        for each (target, try) while budget:   retry/fallback only before the commit
+            wait in the upstream's queue       a deadline here is `upstream_pool_timeout`
+            with attempt scope:                attempt_s
+                send, await headers            connect_s is the HTTP client's; the rest scopes
+                with ttft scope: first event   counted in content events, not bytes
+                commit status + headers
+                with idle scope: each event    idle_s per gap between content events
+    after the commit, a failure is one terminal SSE error event, then the stream ends
+
+Every upstream response is closed in `finally`, shielded and bounded; every queue slot is
+released. Nothing here takes a `timeout=`: phases read the request's `RequestBudget`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+
+from gateway.config import Route, Target
+from gateway.deadline import timeout_header_ms
+from gateway.errors import BudgetExceeded, GatewayError, UpstreamFailed, UpstreamStatus
+from gateway.inflight import Exchange
+from gateway.responses import ResponseWriter
+from gateway.routing import attempt_plan, failure_condition
+from gateway.sse import Event, SSEDecoder, error_event
+from gateway.upstream import UPSTREAM_ERRORS, Upstream, close_response, map_transport_error
+
+log = logging.getLogger("gateway.relay")
+
+_MAX_ERROR_BODY = 1024 * 1024
+_GRACE_S = 1.0  # for the last words to a client after the budget is spent
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        exchange: Exchange,
+        route: Route,
+        path: str,
+        payload: dict[str, Any],
+        upstreams: Mapping[str, Upstream],
+        writer: ResponseWriter,
+        headers: Mapping[str, str],
+    ) -> None:
+        self.exchange = exchange
+        self.route = route
+        self.path = path
+        self.payload = payload
+        self.upstreams = upstreams
+        self.writer = writer
+        self.headers = headers  # sent on every response: X-Request-Id
+
+    async def run(self) -> GatewayError | None:
+        """Serve the request; answer every failure; return it (None when all went well)."""
+        exchange = self.exchange
+        failure: GatewayError | None = None
+        with anyio.CancelScope(deadline=exchange.budget.deadline.at) as deadline_scope:
+            try:
+                await self._attempts()
+            except GatewayError as error:
+                failure = error
+        if deadline_scope.cancelled_caught:
+            if exchange.phase == "queued":
+                failure = BudgetExceeded("pool", "Timed out waiting for an upstream connection.")
+            else:
+                failure = BudgetExceeded("total", "The request's deadline passed.")
+        exchange.phase = "done"
+        if failure is not None:
+            with anyio.move_on_after(_GRACE_S):
+                await self._answer_failure(failure)
+        return failure
+
+    async def _attempts(self) -> None:
+        deadline = self.exchange.budget.deadline
+        last: GatewayError | None = None
+        for target, number in attempt_plan(self.route):
+            if last is not None:
+                if failure_condition(last) not in self.route.retry.retry_on:
+                    break
+                backoff = self.route.retry.backoff_s * 2 ** (number - 2) if number > 1 else 0.0
+                if deadline.remaining() <= backoff:
+                    break
+                await anyio.sleep(backoff)
+            try:
+                await self._attempt(self.upstreams[target.upstream], target)
+                return
+            except GatewayError as error:
+                if self.exchange.committed:
+                    raise
+                last = error
+        if last is None:  # the route allows no attempt at all: nothing was tried
+            raise BudgetExceeded("total", "No time budget left to call an upstream.")
+        raise last
+
+    async def _attempt(self, upstream: Upstream, target: Target) -> None:
+        exchange = self.exchange
+        exchange.attempts += 1
+        exchange.upstream = upstream.name
+        exchange.phase = "queued"
+        queued_at = anyio.current_time()
+        await upstream.bulkhead.acquire()
+        try:
+            started = anyio.current_time()
+            exchange.queue_s += started - queued_at
+            with anyio.CancelScope(deadline=started + exchange.budget.attempt_s) as scope:
+                await self._exchange_with(upstream, target, started)
+            if scope.cancelled_caught:
+                raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
+        finally:
+            upstream.bulkhead.release()
+
+    async def _exchange_with(self, upstream: Upstream, target: Target, started: float) -> None:
+        exchange = self.exchange
+        budget = exchange.budget
+        attempt_end = min(started + budget.attempt_s, budget.deadline.at)
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if exchange.stream else "application/json",
+            "x-request-id": exchange.request_id,
+            "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
+        }
+        request = upstream.build_request(
+            self.path, json.dumps({**self.payload, "model": target.model}).encode(), headers
+        )
+        # Streaming: the first token is due `ttft_s` after the attempt starts, whatever holds
+        # it up (connect, headers, keep-alives). Not streaming: the whole answer is the token.
+        first_due = started + budget.ttft_s if exchange.stream else math.inf
+        response: httpx.Response | None = None
+        events = None
+        try:
+            with anyio.CancelScope(deadline=first_due) as first_scope:
+                exchange.phase = "connecting"
+                response = await upstream.send(request)
+                exchange.upstream_s = anyio.current_time() - started
+                exchange.phase = "waiting_first_token"
+                if response.status_code >= 400:
+                    raise UpstreamStatus(
+                        response.status_code, await _read_limited(response), response.headers
+                    )
+                if not exchange.stream:
+                    await self._relay_whole(response)
+                    return
+                events = _content_events(response)
+                first = await anext(events, None)
+            if first_scope.cancelled_caught:
+                raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
+            if first is None:
+                raise UpstreamFailed(
+                    "The upstream ended the stream before any event.",
+                    code="upstream_protocol_error",
+                )
+            assert events is not None  # set whenever the stream branch got this far
+            await self._relay_stream(first, events)
+        except UPSTREAM_ERRORS as exc:
+            raise map_transport_error(exc) from exc
+        finally:
+            if events is not None:
+                await events.aclose()
+            if response is not None:
+                await close_response(response)
+
+    async def _relay_whole(self, response: httpx.Response) -> None:
+        exchange = self.exchange
+        body = await response.aread()
+        json.loads(body)  # garbage from upstream is a 502, not a 200 the SDK chokes on
+        exchange.ttft_s = anyio.current_time() - exchange.arrival
+        exchange.committed = exchange.finishing = True
+        content_type = response.headers.get("content-type", "application/json")
+        await self.writer.whole(200, self._success_headers(content_type), body)
+
+    async def _relay_stream(self, first: Event, events: AsyncIterator[Event]) -> None:
+        """Commit on the first content event, then pass each on; `idle_s` bounds every gap."""
+        exchange = self.exchange
+        idle_s = exchange.budget.idle_s
+        now = anyio.current_time()
+        exchange.last_content_at = now
+        exchange.ttft_s = now - exchange.arrival
+        await self.writer.start(200, self._success_headers("text/event-stream"))
+        exchange.committed = True
+        exchange.phase = "streaming"
+        event: Event | None = first
+        while event is not None:
+            exchange.finishing = event.is_done
+            await self.writer.body(event.raw, more=not event.is_done)
+            if event.is_done:
+                return
+            with anyio.CancelScope(deadline=anyio.current_time() + idle_s) as idle_scope:
+                event = await anext(events, None)
+            if idle_scope.cancelled_caught:
+                raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
+            exchange.last_content_at = anyio.current_time()
+        exchange.finishing = True
+        await self.writer.body(b"", more=False)
+
+    async def _answer_failure(self, failure: GatewayError) -> None:
+        if self.exchange.committed:
+            self.exchange.finishing = True
+            await self.writer.body(error_event(failure), more=False)
+        else:
+            headers = {**self.headers, "server-timing": self.exchange.server_timing()}
+            if self.exchange.upstream is not None:
+                headers["x-gateway-upstream"] = self.exchange.upstream
+                headers["x-gateway-attempts"] = str(self.exchange.attempts)
+            await self.writer.error(failure, headers)
+
+    def _success_headers(self, content_type: str) -> dict[str, str]:
+        headers = {
+            **self.headers,
+            "content-type": content_type,
+            "x-gateway-upstream": self.exchange.upstream or "",
+            "x-gateway-attempts": str(self.exchange.attempts),
+            "server-timing": self.exchange.server_timing(),
+        }
+        if self.exchange.stream:
+            headers["cache-control"] = "no-cache"
+            headers["x-accel-buffering"] = "no"  # tell nginx-like proxies not to buffer
+        return headers
+
+
+async def _content_events(response: httpx.Response) -> AsyncGenerator[Event, None]:
+    """The upstream's content events; comment-only blocks (keep-alives) are dropped."""
+    decoder = SSEDecoder()
+    async for chunk in response.aiter_bytes():
+        for event in decoder.feed(chunk):
+            if event.is_content:
+                yield _checked(event)
+    for event in decoder.flush():
+        if event.is_content:
+            yield _checked(event)
+
+
+def _checked(event: Event) -> Event:
+    if not event.is_done:
+        json.loads(event.data or "")  # a non-JSON data event is a protocol error
+    return event
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > _MAX_ERROR_BODY:
+            return body[:_MAX_ERROR_BODY]
+    return body

@@ -1,0 +1,41 @@
+"""Writing responses to the ASGI `send` channel."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.types import Send
+
+from gateway.errors import GatewayError
+
+
+class ClientGone(Exception):
+    """Sending to the client failed: it went away."""
+
+
+class ResponseWriter:
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def start(self, status: int, headers: Mapping[str, str]) -> None:
+        self.started = True
+        raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        await self._emit({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def body(self, chunk: bytes, *, more: bool = True) -> None:
+        await self._emit({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    async def whole(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        await self.start(status, {**headers, "content-length": str(len(body))})
+        await self.body(body, more=False)
+
+    async def error(self, error: GatewayError, headers: Mapping[str, str]) -> None:
+        base = {"content-type": "application/json", **headers}
+        await self.whole(error.status, {**base, **error.headers()}, error.body())
+
+    async def _emit(self, message: dict[str, object]) -> None:
+        try:
+            await self._send(message)
+        except OSError as exc:  # uvicorn's ClientDisconnected is an OSError
+            raise ClientGone from exc

@@ -1,0 +1,49 @@
+"""Routes: which targets serve a model, in what order, and which failures deserve another try."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gateway.config import Config, Route, Target
+from gateway.errors import GatewayError, ModelNotFound, UpstreamStatus
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self._routes = {route.model: route for route in config.routes}
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._routes)
+
+    def route_for(self, model: str) -> Route:
+        route = self._routes.get(model)
+        if route is None:
+            raise ModelNotFound(
+                f"The model {model!r} does not exist on this gateway.",
+                code="model_not_found",
+                param="model",
+            )
+        return route
+
+
+def attempt_plan(route: Route) -> Iterator[tuple[Target, int]]:
+    """Each target in order, each tried `retry.attempts` times: (target, try number from 1)."""
+    for target in route.targets:
+        for number in range(1, route.retry.attempts + 1):
+            yield target, number
+
+
+def failure_condition(failure: GatewayError) -> str | int | None:
+    """The `retry_on` name of a failure before the response was committed, if it has one."""
+    if isinstance(failure, UpstreamStatus):
+        return failure.status
+    if failure.code == "upstream_saturated":
+        return 503  # a full queue here is the upstream being unavailable to us
+    if failure.code in ("upstream_connect_error", "upstream_connect_timeout"):
+        return "connect"
+    if failure.code == "upstream_protocol_error":
+        return "protocol"
+    if failure.code in ("upstream_ttft_timeout", "deadline_exceeded"):
+        return "ttft"  # no first token within the attempt
+    return None

@@ -1,0 +1,205 @@
+"""Shared test peers: real uvicorn servers on loopback ports, each in its own thread and loop."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import openai
+import pytest
+import uvicorn
+from openai.types.chat import ChatCompletionMessageParam
+from starlette.types import ASGIApp
+
+from gateway.app import create_app
+from gateway.config import parse_config
+from gateway.simulator import create_simulator_app
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 with a free port, in a background thread."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
+        self.app = app
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+class Simulator(LiveServer):
+    def __init__(self) -> None:
+        super().__init__(create_simulator_app())
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/sim/stats", timeout=5)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], within_s: float = 3.0
+    ) -> dict[str, Any]:
+        """Poll the stats until `predicate` holds; fail with the last stats if it never does."""
+        deadline = time.monotonic() + within_s
+        while True:
+            stats = self.stats()
+            if predicate(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"simulator never reached the expected state: {stats}")
+            time.sleep(0.02)
+
+    async def until(
+        self, predicate: Callable[[dict[str, Any]], bool], within_s: float = 3.0
+    ) -> dict[str, Any]:
+        """`wait_for` for async tests: polls in a worker thread, so the test's loop runs on."""
+        return await anyio.to_thread.run_sync(self.wait_for, predicate, within_s)
+
+
+def debug_state(server: LiveServer) -> dict[str, Any]:
+    result: dict[str, Any] = httpx.get(f"{server.url}/debug/inflight", timeout=5).json()
+    return result
+
+
+def wait_until_idle(server: LiveServer, within_s: float = 3.0) -> None:
+    """Nothing in flight, nothing queued, no socket busy: no leaked slot, no leaked socket."""
+    deadline = time.monotonic() + within_s
+    while True:
+        state = debug_state(server)
+        if not state["inflight"] and all(
+            pool["admitted"] == 0 and pool["queued"] == 0 and pool["connections_active"] == 0
+            for pool in state["pools"].values()
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the gateway is not idle: {state}")
+        time.sleep(0.02)
+
+
+def wait_until_queued(server: LiveServer, upstream: str, count: int, within_s: float = 3.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (state := debug_state(server))["pools"][upstream]["queued"] != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} queued: {state}")
+        time.sleep(0.02)
+
+
+async def off_loop(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking check in a worker thread so the test's own clients keep running."""
+    return await anyio.to_thread.run_sync(function, *args)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def unaccepting_port() -> Iterator[int]:
+    """A port whose listen backlog is full: a TCP connect to it hangs (SYNs are dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    server = Simulator()
+    with server:
+        yield server
+
+
+GatewayFactory = Callable[..., LiveServer]
+
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+
+
+def sdk(server: LiveServer, **kwargs: Any) -> openai.AsyncOpenAI:
+    """The real `openai` SDK pointed at a gateway, with its defaults (retries included)."""
+    kwargs.setdefault("api_key", "client-key")
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", **kwargs)
+
+
+@pytest.fixture
+def gateway(simulator: Simulator) -> Iterator[GatewayFactory]:
+    """Start gateways for config dicts; `${SIM}` in strings becomes the simulator's /v1 URL."""
+    started: list[LiveServer] = []
+
+    def start(data: dict[str, Any], env: dict[str, str] | None = None) -> LiveServer:
+        config = parse_config(data, env={"SIM": simulator.base_url, **(env or {})})
+        server = LiveServer(create_app(config)).__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.__exit__(None, None, None)
+
+
+def one_route(
+    model: str = "m",
+    *,
+    target_model: str = "sim",
+    budget: dict[str, float] | None = None,
+    retry: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config dict with one simulator upstream and one route."""
+    route: dict[str, Any] = {
+        "model": model,
+        "targets": [{"upstream": "sim", "model": target_model}],
+    }
+    if budget:
+        route["budget"] = budget
+    if retry:
+        route["retry"] = retry
+    data: dict[str, Any] = {
+        "upstreams": [{"name": "sim", "base_url": "${SIM}", **(upstream or {})}],
+        "routes": [route],
+    }
+    if server:
+        data["server"] = server
+    return data

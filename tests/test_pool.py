@@ -1,0 +1,133 @@
+"""Bounded pools: a hard cap on upstream sockets, a bounded FIFO queue, shedding, and a pool
+that is idle again after any mix of timeouts, cancellations and errors."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    CHAT,
+    GatewayFactory,
+    Simulator,
+    off_loop,
+    one_route,
+    sdk,
+    wait_until_idle,
+    wait_until_queued,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_connections_never_exceed_the_cap(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(one_route(target_model="sim@latency-ms=200", upstream={"max_connections": 2}))
+    async with sdk(server) as client, anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(_call, client)
+    stats = simulator.stats()
+    assert stats["completed"] == 8
+    assert stats["peak_open"] == 2
+    wait_until_idle(server)
+
+
+async def _call(client: openai.AsyncOpenAI) -> None:
+    await client.chat.completions.create(model="m", messages=CHAT)
+
+
+async def _hang(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.create(model="m", messages=CHAT)
+
+
+async def test_full_queue_sheds_at_once_with_retry_after(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(
+        one_route(
+            target_model="sim@hang=headers",
+            budget={"total_s": 3},
+            upstream={"max_connections": 1, "max_pending": 1},
+        )
+    )
+    async with sdk(server, max_retries=0) as client, anyio.create_task_group() as group:
+        group.start_soon(_hang, client)  # takes the connection
+        await simulator.until(lambda s: s["open"] == 1)
+        group.start_soon(_hang, client)  # waits in the queue
+        await off_loop(wait_until_queued, server, "sim", 1)
+        started = time.monotonic()
+        async with httpx.AsyncClient() as plain:
+            response = await plain.post(
+                f"{server.url}/v1/chat/completions", json={"model": "m", "messages": CHAT}
+            )
+        assert time.monotonic() - started < 0.5  # shed at once, not after a wait
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "upstream_saturated"
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["x-should-retry"] == "true"
+        assert (await simulator.until(lambda s: True))["total"] == 1  # the shed one: never
+    wait_until_idle(server)
+
+
+async def test_queued_request_runs_when_a_slot_frees(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(one_route(target_model="sim@latency-ms=300", upstream={"max_connections": 1}))
+    async with sdk(server) as client:
+        first = time.monotonic()
+        async with anyio.create_task_group() as group:
+            group.start_soon(_call, client)
+            group.start_soon(_call, client)
+        elapsed = time.monotonic() - first
+    assert elapsed > 0.55  # one after the other
+    assert simulator.stats()["completed"] == 2
+
+
+async def test_pool_is_idle_after_a_mix_of_failures(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    targets = {
+        "ok": "sim@tokens=3",
+        "ttft": "sim@ttft-ms=5000",
+        "idle": "sim@hang=after-1",
+        "reset": "sim@reset=after-1",
+        "status": "sim@status=500",
+        "garbage": "sim@malformed=sse",
+        "hang": "sim@hang=headers",
+    }
+    data = one_route(upstream={"max_connections": 3})
+    data["routes"] = [
+        {
+            "model": name,
+            "targets": [{"upstream": "sim", "model": target}],
+            "budget": {"total_s": 1, "ttft_s": 0.5, "idle_s": 0.3},
+        }
+        for name, target in targets.items()
+    ]
+    server = gateway(data)
+
+    async def one(model: str, stream: bool) -> None:
+        with anyio.move_on_after(0.7):  # some are cut short by the client instead
+            try:
+                response = await client.chat.completions.create(
+                    model=model, messages=CHAT, stream=stream
+                )
+                if stream:
+                    async for _ in response:  # type: ignore[union-attr]
+                        pass
+            except openai.APIError:
+                pass
+
+    async with sdk(server, max_retries=0) as client, anyio.create_task_group() as group:
+        for _ in range(2):
+            for model in targets:
+                for stream in (False, True):
+                    group.start_soon(one, model, stream)
+    wait_until_idle(server, within_s=3)
+    simulator.wait_for(lambda s: s["open"] == 0)

@@ -1,0 +1,274 @@
+"""End to end through real sockets: the openai SDK → gateway (uvicorn) → simulator (uvicorn)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, one_route, sdk
+
+pytestmark = pytest.mark.anyio
+
+
+def post(server: LiveServer, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", timeout=10, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert response.headers["x-should-retry"] in ("true", "false")
+    return error
+
+
+# --- the happy paths, through the real SDK -------------------------------------------------
+
+
+async def test_chat_non_streaming(gateway: GatewayFactory, simulator: Simulator) -> None:
+    server = gateway(one_route("gpt-x", target_model="sim@tokens=5"))
+    async with sdk(server) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-x", messages=CHAT, extra_headers={"x-request-id": "req-123"}
+        )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5
+    assert raw.headers["x-request-id"] == "req-123"
+    assert raw.headers["x-gateway-upstream"] == "sim"
+    assert raw.headers["x-gateway-attempts"] == "1"
+    timing = raw.headers["server-timing"]
+    for phase in ("queue", "upstream", "ttft", "total"):
+        assert f"{phase};dur=" in timing
+    seen = simulator.stats()
+    assert seen["last_body"]["model"] == "sim@tokens=5"  # the target's model, the rest unchanged
+    assert seen["last_body"]["messages"] == CHAT
+    assert "authorization" not in seen["last_headers"]  # the client's key never goes upstream
+
+
+async def test_upstream_key_from_config_replaces_the_clients(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(one_route(upstream={"api_key": "${UP_KEY}"}), env={"UP_KEY": "sk-upstream"})
+    async with sdk(server, api_key="sk-client") as client:
+        await client.chat.completions.create(model="m", messages=CHAT)
+    assert simulator.stats()["last_headers"]["authorization"] == "Bearer sk-upstream"
+
+
+async def test_chat_streaming_relays_every_token(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(target_model="sim@tokens=7,gap-ms=10"))
+    async with sdk(server) as client:
+        stream = await client.chat.completions.create(model="m", messages=CHAT, stream=True)
+        pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) == 7
+
+
+async def test_streaming_events_arrive_as_they_are_produced(gateway: GatewayFactory) -> None:
+    """No buffering: with 300 ms between tokens, the chunks reach the client spread out."""
+    server = gateway(one_route(target_model="sim@tokens=4,gap-ms=300"))
+    arrivals: list[float] = []
+    async with sdk(server) as client:
+        stream = await client.chat.completions.create(model="m", messages=CHAT, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(anyio.current_time())
+    assert len(arrivals) == 4
+    assert arrivals[-1] - arrivals[0] > 0.6  # three gaps of 300 ms, with slack
+
+
+async def test_completions_both_modes(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(target_model="sim@tokens=3"))
+    async with sdk(server) as client:
+        completion = await client.completions.create(model="m", prompt="hi")
+        assert completion.choices[0].text
+        stream = await client.completions.create(model="m", prompt="hi", stream=True)
+        texts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert len([t for t in texts if t]) == 3
+
+
+async def test_embeddings(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    async with sdk(server) as client:
+        result = await client.embeddings.create(model="m", input=["a", "b"])
+    assert len(result.data) == 2
+    assert result.data[0].embedding
+
+
+async def test_models_lists_the_routes(gateway: GatewayFactory) -> None:
+    data = one_route("first")
+    data["routes"].append({"model": "second", "targets": [{"upstream": "sim"}]})
+    server = gateway(data)
+    async with sdk(server) as client:
+        models = [model.id async for model in client.models.list()]
+    assert models == ["first", "second"]
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+def test_auth_rejects_missing_and_wrong_keys(gateway: GatewayFactory) -> None:
+    data = one_route()
+    data["auth"] = {"keys": [{"name": "team-a", "key": "${TEAM_KEY}"}]}
+    server = gateway(data, env={"TEAM_KEY": "sk-team"})
+    body = {"model": "m", "messages": CHAT}
+    assert_error(post(server, "/v1/chat/completions", json=body), 401, "invalid_api_key")
+    wrong = {"authorization": "Bearer sk-other"}
+    assert_error(
+        post(server, "/v1/chat/completions", json=body, headers=wrong), 401, "invalid_api_key"
+    )
+    models = httpx.get(f"{server.url}/v1/models", timeout=5)
+    assert_error(models, 401, "invalid_api_key")
+    right = {"authorization": "Bearer sk-team"}
+    assert post(server, "/v1/chat/completions", json=body, headers=right).status_code == 200
+
+
+# --- bad input: each its own clear error ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        (b"{not json", "invalid_json", None),
+        (b"[1, 2]", "invalid_request", None),
+        (b'{"messages": []}', "invalid_request", "model"),
+        (b'{"model": 3}', "invalid_request", "model"),
+        (b'{"model": "m", "stream": "yes"}', "invalid_request", "stream"),
+    ],
+)
+def test_bad_request_bodies(
+    gateway: GatewayFactory, body: bytes, code: str, param: str | None, simulator: Simulator
+) -> None:
+    server = gateway(one_route())
+    error = assert_error(post(server, "/v1/chat/completions", content=body), 400, code)
+    assert error["param"] == param
+    assert simulator.stats()["total"] == 0
+
+
+def test_unknown_model_is_404(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    response = post(server, "/v1/chat/completions", json={"model": "nope", "messages": CHAT})
+    error = assert_error(response, 404, "model_not_found")
+    assert "nope" in error["message"]
+    assert response.headers["x-should-retry"] == "false"
+
+
+def test_unknown_path_and_method_get_envelopes(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    assert_error(post(server, "/v1/nothing-here", json={}), 404, "not_found")
+    assert_error(
+        httpx.get(f"{server.url}/v1/chat/completions", timeout=5), 405, "method_not_allowed"
+    )
+
+
+def raw_exchange(server: LiveServer, head: bytes, chunks: list[bytes]) -> bytes:
+    """Send a request by hand (to control framing) and read the response head."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the server may close once it has answered; the answer is what counts
+        answer = b""
+        while b"\r\n\r\n" not in answer or not _complete(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _complete(answer: bytes) -> bool:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
+
+
+def test_declared_oversized_body_is_413_before_reading_it(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(server={"max_body_bytes": 1000}))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000000000\r\n\r\n"
+    )
+    answer = raw_exchange(server, head, [b"{"])  # 1 byte of a declared gigabyte
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b'"request_too_large"' in answer
+
+
+def test_chunked_oversized_body_is_413_without_reading_it_all(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(server={"max_body_bytes": 1000}))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"  # 1 KiB chunks; we send 2 and never finish
+    answer = raw_exchange(server, head, [chunk, chunk])
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+# --- upstream failures ----------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_refused_connection_is_502(gateway: GatewayFactory) -> None:
+    data = one_route()
+    data["upstreams"][0]["base_url"] = f"http://127.0.0.1:{closed_port()}/v1"
+    server = gateway(data)
+    response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert_error(response, 502, "upstream_connect_error")
+    assert response.headers["x-gateway-upstream"] == "sim"
+
+
+@pytest.mark.parametrize(
+    ("target", "stream"),
+    [("sim@malformed=json", False), ("sim@malformed=sse", True), ("sim@reset=after-headers", True)],
+)
+def test_upstream_garbage_is_502(gateway: GatewayFactory, target: str, stream: bool) -> None:
+    server = gateway(one_route(target_model=target))
+    body = {"model": "m", "messages": CHAT, "stream": stream}
+    assert_error(post(server, "/v1/chat/completions", json=body), 502, "upstream_protocol_error")
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+def test_upstream_error_status_passes_through(gateway: GatewayFactory, status: int) -> None:
+    server = gateway(one_route(target_model=f"sim@status={status},retry-after=7"))
+    response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert response.status_code == status
+    assert response.headers["retry-after"] == "7"
+    assert "error" in response.json()  # the upstream's own body
+    expected_retry = "true" if status in (429, 503) else "false"
+    assert response.headers["x-should-retry"] == expected_retry
+
+
+async def test_sdk_sees_upstream_error_as_its_own_exception(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(target_model="sim@status=400"))
+    async with sdk(server, max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="m", messages=CHAT)
+
+
+def test_health_and_readiness(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz", timeout=5).json() == {"ready": True}
+    debug = json.loads(httpx.get(f"{server.url}/debug/inflight", timeout=5).text)
+    assert debug["inflight"] == []
+    assert debug["pools"]["sim"]["admitted"] == 0

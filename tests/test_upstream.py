@@ -1,0 +1,104 @@
+"""The bulkhead (FIFO, bounded, cancellation-safe) and the transport error mapping."""
+
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import httpx2 as httpx
+import pytest
+
+from gateway.errors import BudgetExceeded, Overloaded, UpstreamFailed
+from gateway.sse import SSEProtocolError
+from gateway.upstream import Bulkhead, map_transport_error
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_admits_up_to_the_limit_then_queues_fifo() -> None:
+    bulkhead = Bulkhead(limit=2, max_pending=5)
+    await bulkhead.acquire()
+    await bulkhead.acquire()
+    order: list[int] = []
+
+    async def wait(n: int) -> None:
+        await bulkhead.acquire()
+        order.append(n)
+
+    async with anyio.create_task_group() as group:
+        for n in range(3):
+            group.start_soon(wait, n)
+            await anyio.wait_all_tasks_blocked()
+        assert bulkhead.pending == 3
+        for _ in range(3):
+            bulkhead.release()
+            await anyio.wait_all_tasks_blocked()
+    assert order == [0, 1, 2]
+    assert bulkhead.active == 2
+    assert bulkhead.pending == 0
+
+
+async def test_sheds_when_the_queue_is_full() -> None:
+    bulkhead = Bulkhead(limit=1, max_pending=0)
+    await bulkhead.acquire()
+    with pytest.raises(Overloaded) as caught:
+        await bulkhead.acquire()
+    assert caught.value.code == "upstream_saturated"
+    assert caught.value.headers()["retry-after"]
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    bulkhead = Bulkhead(limit=1, max_pending=1)
+    await bulkhead.acquire()
+    with anyio.move_on_after(0.05) as scope:
+        await bulkhead.acquire()
+    assert scope.cancelled_caught
+    assert bulkhead.pending == 0
+    bulkhead.release()
+    assert bulkhead.active == 0
+
+
+async def test_slot_is_never_lost_when_a_waiter_is_cancelled_as_it_is_served() -> None:
+    """Release and cancel at the same moment: whoever ends up with the slot gives it back."""
+    bulkhead = Bulkhead(limit=1, max_pending=2)
+    await bulkhead.acquire()
+    served: list[str] = []
+
+    async def use(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await bulkhead.acquire()
+            try:
+                served.append(name)
+                await anyio.lowlevel.checkpoint()
+            finally:
+                bulkhead.release()
+
+    first_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as group:
+        group.start_soon(use, "first", first_scope)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(use, "second", anyio.CancelScope())
+        await anyio.wait_all_tasks_blocked()
+        bulkhead.release()  # hands the slot to `first`...
+        first_scope.cancel()  # ...which is cancelled in the same instant
+    assert "second" in served
+    assert (bulkhead.active, bulkhead.pending) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "code"),
+    [
+        (httpx.ConnectTimeout("t"), BudgetExceeded, "upstream_connect_timeout"),
+        (httpx.PoolTimeout("t"), BudgetExceeded, "upstream_pool_timeout"),
+        (httpx.ConnectError("refused"), UpstreamFailed, "upstream_connect_error"),
+        (httpx.RemoteProtocolError("bad"), UpstreamFailed, "upstream_protocol_error"),
+        (httpx.ReadError("reset"), UpstreamFailed, "upstream_protocol_error"),
+        (SSEProtocolError("long"), UpstreamFailed, "upstream_protocol_error"),
+        (ValueError("json"), UpstreamFailed, "upstream_protocol_error"),
+    ],
+)
+def test_transport_errors_map_to_the_most_specific(
+    exc: Exception, kind: type[Exception], code: str
+) -> None:
+    mapped = map_transport_error(exc)
+    assert isinstance(mapped, kind)
+    assert mapped.code == code
