@@ -126,6 +126,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # One access line per request is ours; the HTTP client's own line per call is noise.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

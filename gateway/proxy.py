@@ -100,8 +100,8 @@ class ProxyEndpoint:
                 group.cancel_scope.cancel()  # the response is done: stop watching
         if exchange.disconnected:
             outcome, status = "client_disconnect", 499
-        elif failure is not None:
-            outcome, status = failure.code, failure.status
+        elif failure is not None:  # after the commit the client already has its 200
+            outcome, status = failure.code, 200 if exchange.committed else failure.status
         else:
             outcome, status = "ok", 200
         _log_line(request_id, self.path, exchange.route, status, outcome, arrival, exchange)

@@ -203,8 +203,8 @@ class Relay:
         await self.writer.body(b"", more=False)
 
     async def _answer_failure(self, failure: GatewayError) -> None:
+        self.exchange.finishing = True  # the last words: a disconnect after them is normal
         if self.exchange.committed:
-            self.exchange.finishing = True
             await self.writer.body(error_event(failure), more=False)
         else:
             headers = {**self.headers, "server-timing": self.exchange.server_timing()}

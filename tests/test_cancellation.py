@@ -109,3 +109,53 @@ async def test_deadline_cancels_upstream(
             await client.chat.completions.create(model="m", messages=CHAT, stream=stream)
     simulator.wait_for(lambda s: s["cancelled"] == 1 and s["open"] == 0, SEEN_WITHIN_S)
     wait_until_idle(server)
+
+
+def access_outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    return [word.split("=", 1)[1] for line in lines for word in line.split() if "outcome=" in word]
+
+
+@pytest.mark.parametrize(
+    ("target", "stream", "outcome"),
+    [
+        ("sim@status=503", False, "upstream_status_503"),
+        ("sim@hang=after-1", True, "upstream_idle_timeout"),
+        ("sim@tokens=2", True, "ok"),
+        ("sim@tokens=2", False, "ok"),
+    ],
+)
+async def test_a_finished_answer_is_not_a_disconnect(
+    gateway: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+    target: str,
+    stream: bool,
+    outcome: str,
+) -> None:
+    """uvicorn reports `http.disconnect` right after the last message: that is not a cancel."""
+    caplog.set_level("INFO", logger="gateway.access")
+    server = gateway(one_route(target_model=target, budget={"idle_s": 0.3}))
+    async with sdk(server, max_retries=0) as client:
+        try:
+            if stream:
+                async for _ in await client.chat.completions.create(
+                    model="m", messages=CHAT, stream=True
+                ):
+                    pass
+            else:
+                await client.chat.completions.create(model="m", messages=CHAT)
+        except openai.APIError:
+            pass
+    await anyio.sleep(0.2)  # the access line is written after the response
+    assert access_outcomes(caplog) == [outcome]
+
+
+async def test_a_real_disconnect_is_logged_as_one(
+    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="gateway.access")
+    server = gateway(one_route(target_model="sim@hang=headers"))
+    async with sdk(server) as client:
+        await give_up_on(client, stream=False)
+    await off_loop(wait_until_idle, server)
+    assert access_outcomes(caplog) == ["client_disconnect"]

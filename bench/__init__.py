@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.http_clients`, `python -m bench.overhead` (see README.md)."""

@@ -1,0 +1,379 @@
+"""Shared by the benchmarks: subprocess servers, a closed-loop load runner, statistics, tables.
+
+Everything binds to 127.0.0.1 only. Servers are child processes (so they do not share the
+client's event loop or GIL) and are always stopped: terminate, then kill after a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx2
+
+if TYPE_CHECKING:
+    import httpx
+
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+class BenchError(Exception):
+    """A benchmark cannot go on; the message says why, for a human."""
+
+
+def out(text: str = "") -> None:
+    """A line of the benchmark's result (stdout)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def progress(text: str) -> None:
+    """A progress or error line (stderr), so stdout stays clean for --json."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# --- subprocess servers -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cli_command() -> list[str]:
+    """How to run `llm-gateway`: the venv's script next to this Python, else on PATH, else
+    `python -m gateway.cli` (the same entry point)."""
+    beside = Path(sys.executable).parent / "llm-gateway"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("llm-gateway")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class Server:
+    """A running child server: its name (for messages), base URL and log file."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        tail = text.strip().splitlines()[-lines:]
+        return "\n".join(f"    | {line}" for line in tail) or "    | (empty log)"
+
+
+@contextmanager
+def run_server(name: str, args: Sequence[str], port: int, ready_path: str) -> Iterator[Server]:
+    """Start `llm-gateway <args>` and yield once GET `ready_path` answers 200; always stop it.
+
+    Output goes to a temporary log file, shown if the server dies or never gets ready.
+    """
+    command = [*cli_command(), *args]
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        with log_path.open("wb") as log:
+            try:
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            except OSError as exc:
+                raise BenchError(f"cannot start the {name} ({' '.join(command)}): {exc}") from exc
+            server = Server(name=name, url=f"http://{HOST}:{port}", process=process, log_path=log_path)
+            try:
+                _wait_ready(server, ready_path, command)
+                yield server
+                if process.poll() is not None:
+                    raise BenchError(
+                        f"the {name} exited during the run (code {process.returncode}); "
+                        f"its log:\n{server.log_tail()}"
+                    )
+            finally:
+                stop_process(process)
+
+
+def _wait_ready(server: Server, path: str, command: Sequence[str]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last_error = "no answer yet"
+    with httpx2.Client(trust_env=False, timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise BenchError(
+                    f"the {server.name} exited at start-up (code {server.process.returncode}): "
+                    f"{' '.join(command)}\n{server.log_tail()}"
+                )
+            try:
+                response = client.get(server.url + path)
+                if response.status_code == 200:
+                    return
+                last_error = f"HTTP {response.status_code}"
+            except httpx2.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.05)
+    raise BenchError(
+        f"the {server.name} did not answer GET {path} within {READY_TIMEOUT_S:.0f} s "
+        f"({last_error}): {' '.join(command)}\n{server.log_tail()}"
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, wait up to STOP_TIMEOUT_S, then kill. Safe on an already exited process."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT_S)
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request: total latency, time to the first body chunk, body chunks and bytes."""
+
+    latency_s: float
+    ttfb_s: float
+    chunks: int
+    nbytes: int
+
+
+@dataclass
+class Round:
+    """One closed-loop round: `requests` requests by `concurrency` workers."""
+
+    elapsed_s: float
+    samples: list[Sample]
+
+    @property
+    def rps(self) -> float:
+        return len(self.samples) / self.elapsed_s
+
+    @property
+    def chunks_per_s(self) -> float:
+        return sum(s.chunks for s in self.samples) / self.elapsed_s
+
+
+async def run_round(requests: int, concurrency: int, one: Callable[[], Awaitable[Sample]]) -> Round:
+    """Run `requests` calls of `one` with `concurrency` workers, each starting its next request
+    as soon as its last one ends. The first failure cancels the round and propagates."""
+    samples: list[Sample] = []
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            samples.append(await one())
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, requests)):
+            group.create_task(worker())
+    return Round(elapsed_s=time.perf_counter() - start, samples=samples)
+
+
+# Either client library: they share one API (httpx2 is the one the gateway uses).
+AnyClient = "httpx.AsyncClient | httpx2.AsyncClient"
+JSON_HEADERS = {"content-type": "application/json"}
+_DONE = b"data: [DONE]\n\n"
+
+
+def chat_body(model: str, *, stream: bool) -> bytes:
+    """A small chat completion request, encoded once (the gateway also sends bytes)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "bench"}], "stream": stream}
+    return json.dumps(body).encode()
+
+
+async def post_whole(client: AnyClient, url: str, body: bytes) -> Sample:
+    """A non-streaming POST, the whole body read; latency from send to the last byte."""
+    start = time.perf_counter()
+    response = await client.post(url, content=body, headers=JSON_HEADERS)
+    latency = time.perf_counter() - start
+    if response.status_code != 200:
+        raise BenchError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
+    return Sample(latency_s=latency, ttfb_s=latency, chunks=1, nbytes=len(response.content))
+
+
+async def post_stream(client: AnyClient, url: str, body: bytes) -> Sample:
+    """A streaming POST read with `aiter_bytes()`; checks the stream ends with `[DONE]`."""
+    start = time.perf_counter()
+    ttfb = 0.0
+    chunks = nbytes = 0
+    tail = b""
+    async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise BenchError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
+        async for chunk in response.aiter_bytes():
+            if not chunks:
+                ttfb = time.perf_counter() - start
+            chunks += 1
+            nbytes += len(chunk)
+            tail = (tail + chunk)[-len(_DONE) :]
+    latency = time.perf_counter() - start
+    if tail != _DONE:
+        raise BenchError(f"POST {url}: the stream ended without data: [DONE] ({nbytes} bytes)")
+    return Sample(latency_s=latency, ttfb_s=ttfb, chunks=chunks, nbytes=nbytes)
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first leaf of an ExceptionGroup (as TaskGroup raises), else `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Series:
+    """Per-round values of one metric, with the statistics the reports use."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how much the rounds disagree, as a fraction."""
+        return (self.high - self.low) / self.median if self.median else 0.0
+
+    def as_dict(self) -> dict[str, float | list[float]]:
+        return {
+            "median": self.median,
+            "min": self.low,
+            "max": self.high,
+            "spread": self.spread,
+            "rounds": self.values,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether paired per-round ratios B/A show a real difference from 1."""
+
+    significant: bool
+    reason: str
+
+
+def judge_ratios(ratios: Sequence[float]) -> Verdict:
+    """Significant only if every round agrees on the direction AND the mean ratio is more than
+    two standard errors from 1. Otherwise the difference is within the round-to-round noise."""
+    n = len(ratios)
+    if n < 2:
+        return Verdict(False, "one round only: no estimate of noise")
+    mean = statistics.fmean(ratios)
+    stderr = statistics.stdev(ratios) / math.sqrt(n)
+    same_side = all(r > 1 for r in ratios) or all(r < 1 for r in ratios)
+    far = abs(mean - 1) > 2 * stderr
+    detail = f"mean {mean:.3f} +/- {2 * stderr:.3f} (2 s.e.), rounds {min(ratios):.3f}..{max(ratios):.3f}"
+    if same_side and far:
+        return Verdict(True, f"every round agrees; {detail}")
+    why = "rounds disagree on the direction" if not same_side else "difference < 2 s.e."
+    return Verdict(False, f"within noise: {why}; {detail}")
+
+
+# --- output and arguments -----------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def parse_args(
+    description: str, *, requests: int, concurrency: int, rounds: int, argv: list[str] | None
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--requests", type=int, default=requests, help=f"requests per round (default {requests})"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=concurrency,
+        help=f"requests in flight at once (default {concurrency})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=rounds,
+        help=f"measured rounds per variant and mode, interleaved (default {rounds})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    for name in ("requests", "concurrency", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    return {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }

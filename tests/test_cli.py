@@ -1,0 +1,174 @@
+"""The `llm-gateway` command: check-config output and exit codes, and `serve` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from gateway.cli import main
+from tests.conftest import CHAT, Simulator
+
+VALID = """
+upstreams:
+  - name: primary
+    base_url: http://127.0.0.1:9/v1/
+    api_key: ${CLI_TEST_KEY}
+routes:
+  - model: gpt-x
+    targets:
+      - {upstream: primary, model: real-model}
+    budget: {total_s: 20, ttft_s: 8}
+"""
+
+INVALID = """
+upstreams:
+  - name: primary
+    base_url: ftp://nowhere
+    max_conns: 3
+routes:
+  - model: gpt-x
+    targets:
+      - {upstream: missing}
+    budget: {total_s: 5, ttft_s: 9}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_prints_resolved_routes_with_secrets_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLI_TEST_KEY", "sk-very-secret")
+    assert main(["check-config", str(write(tmp_path, VALID))]) == 0
+    out = capsys.readouterr().out
+    assert "gpt-x" in out
+    assert "real-model" in out
+    assert "http://127.0.0.1:9/v1" in out
+    assert "sk-very-secret" not in out
+
+
+def test_check_config_lists_every_error_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config", str(write(tmp_path, INVALID))]) == 1
+    err = capsys.readouterr().err
+    for path in (
+        "upstreams[0].base_url:",
+        "upstreams[0].max_conns:",
+        "routes[0].targets[0].upstream:",
+        "routes[0].budget.ttft_s:",
+    ):
+        assert path in err, err
+
+
+def test_check_config_names_a_missing_variable_without_leaking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CLI_TEST_KEY", raising=False)
+    assert main(["check-config", str(write(tmp_path, VALID))]) == 1
+    assert "upstreams[0].api_key: environment variable CLI_TEST_KEY" in capsys.readouterr().err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "nope.yaml")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+# --- serve, as a process ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@contextmanager
+def serving(args: list[str], cwd: Path) -> Iterator[str]:
+    """Run `llm-gateway serve ...` and yield its URL once /readyz says so."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                raise AssertionError(f"serve exited with {process.returncode}:\n{output}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve never became ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def test_serve_without_config_runs_the_demo(tmp_path: Path) -> None:
+    with serving([], cwd=tmp_path) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="any")
+        completion = client.chat.completions.create(model="demo", messages=CHAT)
+        assert completion.choices[0].message.content
+        models = {model.id for model in client.models.list()}
+        assert {"demo", "demo-stall", "demo-hang"} <= models
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="demo-hang", messages=CHAT)
+        assert caught.value.status_code == 504
+        assert time.monotonic() - started < 3 + 2  # the demo route's total_s, with slack
+        client.close()
+
+
+def test_serve_with_a_config_file_and_two_workers(tmp_path: Path, simulator: Simulator) -> None:
+    config = tmp_path / "custom.yaml"
+    config.write_text(
+        f"upstreams: [{{name: sim, base_url: '{simulator.base_url}'}}]\n"
+        "routes: [{model: m, targets: [{upstream: sim, model: sim@tokens=2}]}]\n"
+    )
+    with serving(["--config", str(config), "--workers", "2"], cwd=tmp_path) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="any")
+        for _ in range(4):
+            assert client.chat.completions.create(model="m", messages=CHAT).choices
+        client.close()
+    assert simulator.stats()["completed"] == 4
+
+
+def test_serve_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
+    config = write(tmp_path, INVALID)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "routes[0].targets[0].upstream:" in result.stderr
