@@ -12,17 +12,18 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import httpx2
 
@@ -52,6 +53,15 @@ def progress(text: str) -> None:
 
 
 # --- subprocess servers -------------------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM act like Ctrl-C, so `finally` blocks still stop the child servers."""
+
+    def handler(signum: int, frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)  # asyncio.run handles it: cancels, then raises
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def free_port() -> int:
@@ -108,10 +118,20 @@ def run_server(name: str, args: Sequence[str], port: int, ready_path: str) -> It
                 )
             except OSError as exc:
                 raise BenchError(f"cannot start the {name} ({' '.join(command)}): {exc}") from exc
-            server = Server(name=name, url=f"http://{HOST}:{port}", process=process, log_path=log_path)
+            server = Server(
+                name=name, url=f"http://{HOST}:{port}", process=process, log_path=log_path
+            )
             try:
                 _wait_ready(server, ready_path, command)
-                yield server
+                try:
+                    yield server
+                except Exception as exc:
+                    if process.poll() is None:
+                        raise
+                    raise BenchError(
+                        f"{describe_error(exc)}: the {name} had exited during the run "
+                        f"(code {process.returncode}); its log:\n{server.log_tail()}"
+                    ) from exc
                 if process.poll() is not None:
                     raise BenchError(
                         f"the {name} exited during the run (code {process.returncode}); "
@@ -206,7 +226,7 @@ async def run_round(requests: int, concurrency: int, one: Callable[[], Awaitable
 
 
 # Either client library: they share one API (httpx2 is the one the gateway uses).
-AnyClient = "httpx.AsyncClient | httpx2.AsyncClient"
+AnyClient: TypeAlias = "httpx.AsyncClient | httpx2.AsyncClient"
 JSON_HEADERS = {"content-type": "application/json"}
 _DONE = b"data: [DONE]\n\n"
 
@@ -249,11 +269,14 @@ async def post_stream(client: AnyClient, url: str, body: bytes) -> Sample:
     return Sample(latency_s=latency, ttfb_s=ttfb, chunks=chunks, nbytes=nbytes)
 
 
-def first_error(exc: BaseException) -> BaseException:
-    """The first leaf of an ExceptionGroup (as TaskGroup raises), else `exc` itself."""
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` of the first leaf of an ExceptionGroup (as TaskGroup raises), else of
+    `exc`; a BenchError's message alone, as it is written for a human."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    return exc
+    if isinstance(exc, BenchError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else f"{type(exc).__name__} (no message)"
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -307,9 +330,13 @@ class Verdict:
     reason: str
 
 
+MIN_ROUNDS_TO_JUDGE = 5  # by chance alone, n rounds all agree with probability 2 ** (1 - n)
+
+
 def judge_ratios(ratios: Sequence[float]) -> Verdict:
-    """Significant only if every round agrees on the direction AND the mean ratio is more than
-    two standard errors from 1. Otherwise the difference is within the round-to-round noise."""
+    """Significant only if there are at least MIN_ROUNDS_TO_JUDGE rounds, every round agrees on
+    the direction, AND the mean ratio is more than two standard errors from 1. Otherwise the
+    difference is within the round-to-round noise."""
     n = len(ratios)
     if n < 2:
         return Verdict(False, "one round only: no estimate of noise")
@@ -317,11 +344,119 @@ def judge_ratios(ratios: Sequence[float]) -> Verdict:
     stderr = statistics.stdev(ratios) / math.sqrt(n)
     same_side = all(r > 1 for r in ratios) or all(r < 1 for r in ratios)
     far = abs(mean - 1) > 2 * stderr
-    detail = f"mean {mean:.3f} +/- {2 * stderr:.3f} (2 s.e.), rounds {min(ratios):.3f}..{max(ratios):.3f}"
+    detail = (
+        f"mean {mean:.3f} +/- {2 * stderr:.3f} (2 s.e.), "
+        f"rounds {min(ratios):.3f}..{max(ratios):.3f}"
+    )
+    if n < MIN_ROUNDS_TO_JUDGE:
+        return Verdict(False, f"too few rounds to judge (need {MIN_ROUNDS_TO_JUDGE}); {detail}")
     if same_side and far:
         return Verdict(True, f"every round agrees; {detail}")
     why = "rounds disagree on the direction" if not same_side else "difference < 2 s.e."
     return Verdict(False, f"within noise: {why}; {detail}")
+
+
+# --- interleaved comparison ---------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    """The measured rounds of one variant (a client library, or a path to the simulator)."""
+
+    rounds: list[Round] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for r in self.rounds for s in r.samples]
+
+    def rps(self) -> Series:
+        return Series([r.rps for r in self.rounds])
+
+    def chunks_per_s(self) -> Series:
+        return Series([r.chunks_per_s for r in self.rounds])
+
+    def chunks_per_request(self) -> float:
+        samples = self.samples
+        return sum(s.chunks for s in samples) / len(samples)
+
+    def latency_ms(self, p: float) -> float:
+        """Percentile `p` of every measured request's latency, all rounds pooled."""
+        return 1000 * percentile([s.latency_s for s in self.samples], p)
+
+    def ttfb_ms(self, p: float) -> float:
+        return 1000 * percentile([s.ttfb_s for s in self.samples], p)
+
+    def summary(self, stream: bool) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "requests": len(self.samples),
+            "rps": self.rps().as_dict(),
+            "p50_ms": self.latency_ms(50),
+            "p99_ms": self.latency_ms(99),
+        }
+        if stream:
+            result["ttfb_p50_ms"] = self.ttfb_ms(50)
+            result["chunks_per_s"] = self.chunks_per_s().as_dict()
+            result["chunks_per_request"] = self.chunks_per_request()
+        return result
+
+
+@dataclass
+class Comparison:
+    """Two variants measured in interleaved rounds: `candidate` relative to `baseline`."""
+
+    name: str
+    stream: bool
+    baseline: str
+    candidate: str
+    results: dict[str, VariantResult]
+
+    @property
+    def base(self) -> VariantResult:
+        return self.results[self.baseline]
+
+    @property
+    def cand(self) -> VariantResult:
+        return self.results[self.candidate]
+
+    def paired_rps(self) -> list[float]:
+        """candidate/baseline req/s, round by round (the two ran back to back)."""
+        pairs = zip(self.base.rounds, self.cand.rounds, strict=True)
+        return [c.rps / b.rps for b, c in pairs]
+
+    def paired_chunks(self) -> list[float]:
+        pairs = zip(self.base.rounds, self.cand.rounds, strict=True)
+        return [c.chunks_per_s / b.chunks_per_s for b, c in pairs]
+
+    def rps_ratio(self) -> float:
+        return Series(self.paired_rps()).median
+
+    def verdict(self) -> Verdict:
+        return judge_ratios(self.paired_rps())
+
+
+async def compare(
+    name: str,
+    calls: Mapping[str, Callable[[], Awaitable[Sample]]],
+    *,
+    stream: bool,
+    requests: int,
+    concurrency: int,
+    rounds: int,
+) -> Comparison:
+    """Warm up each of the two variants in `calls` (baseline first), then run `rounds` rounds
+    of each, interleaved and alternating who goes first (A B, B A, A B, ...), so that drift in
+    the machine's load falls on both alike."""
+    variants = list(calls)
+    if len(variants) != 2:
+        raise ValueError("compare() takes exactly two variants")
+    for variant in variants:  # open the connections, warm the code paths
+        await run_round(max(2 * concurrency, 20), concurrency, calls[variant])
+    results = {variant: VariantResult() for variant in variants}
+    for i in range(rounds):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
+            results[variant].rounds.append(await run_round(requests, concurrency, calls[variant]))
+        progress(f"  {name}: round {i + 1}/{rounds} done")
+    return Comparison(name, stream, variants[0], variants[1], results)
 
 
 # --- output and arguments -----------------------------------------------------------------
@@ -343,9 +478,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def parse_args(
-    description: str, *, requests: int, concurrency: int, rounds: int, argv: list[str] | None
+    prog: str,
+    description: str,
+    *,
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    argv: list[str] | None,
 ) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--requests", type=int, default=requests, help=f"requests per round (default {requests})"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
@@ -34,7 +34,6 @@ class Exchange:
     upstream_s: float | None = None  # request sent until upstream response headers
     ttft_s: float | None = None  # arrival until the first content event
     last_content_at: float | None = None
-    started_at: float = field(default_factory=anyio.current_time)
 
     def server_timing(self) -> str:
         parts = [f"queue;dur={self.queue_s * 1000:.1f}"]
