@@ -51,6 +51,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     async def inflight(request: Request) -> Response:
+        gateway.authenticate(request.headers)  # it lists request ids and routes
         pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
         return JSONResponse({"inflight": gateway.inflight.snapshot(), "pools": pools})
 

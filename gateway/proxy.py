@@ -75,7 +75,8 @@ class ProxyEndpoint:
             exchange, route, payload = await self._admit(arrival, headers, receive, request_id)
         except GatewayError as error:
             _log_line(request_id, self.path, "-", error.status, error.code, arrival)
-            await writer.error(error, reply_headers)
+            timing = f"total;dur={(anyio.current_time() - arrival) * 1000:.1f}"
+            await writer.error(error, {**reply_headers, "server-timing": timing})
             return
         except ClientGone:
             _log_line(request_id, self.path, "-", 499, "client_disconnect", arrival)
@@ -120,6 +121,7 @@ class ProxyEndpoint:
         if body is None:  # a slow upload counts against the deadline
             raise BudgetExceeded("total", "The request body did not arrive within the deadline.")
         payload, model, stream = parse_payload(body)
+        stream = stream and self.path != "embeddings"  # embeddings never stream
         route = self.gateway.router.route_for(model)
         budget = resolve_budget(
             arrival=arrival, budget=route.budget, limits=limits, hints=hints, stream=stream

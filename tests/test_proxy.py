@@ -103,6 +103,21 @@ async def test_embeddings(gateway: GatewayFactory) -> None:
     assert result.data[0].embedding
 
 
+def test_embeddings_ignore_a_stream_flag(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    response = post(server, "/v1/embeddings", json={"model": "m", "input": "a", "stream": True})
+    assert response.status_code == 200
+    assert response.json()["data"][0]["embedding"]
+
+
+def test_errors_carry_request_id_and_server_timing(gateway: GatewayFactory) -> None:
+    server = gateway(one_route())
+    response = post(server, "/v1/chat/completions", content=b"{", headers={"x-request-id": "r1"})
+    assert response.status_code == 400
+    assert response.headers["x-request-id"] == "r1"
+    assert "total;dur=" in response.headers["server-timing"]
+
+
 async def test_models_lists_the_routes(gateway: GatewayFactory) -> None:
     data = one_route("first")
     data["routes"].append({"model": "second", "targets": [{"upstream": "sim"}]})
@@ -120,14 +135,15 @@ def test_auth_rejects_missing_and_wrong_keys(gateway: GatewayFactory) -> None:
     data["auth"] = {"keys": [{"name": "team-a", "key": "${TEAM_KEY}"}]}
     server = gateway(data, env={"TEAM_KEY": "sk-team"})
     body = {"model": "m", "messages": CHAT}
+    right = {"authorization": "Bearer sk-team"}
     assert_error(post(server, "/v1/chat/completions", json=body), 401, "invalid_api_key")
     wrong = {"authorization": "Bearer sk-other"}
     assert_error(
         post(server, "/v1/chat/completions", json=body, headers=wrong), 401, "invalid_api_key"
     )
-    models = httpx.get(f"{server.url}/v1/models", timeout=5)
-    assert_error(models, 401, "invalid_api_key")
-    right = {"authorization": "Bearer sk-team"}
+    for path in ("/v1/models", "/debug/inflight"):
+        assert_error(httpx.get(f"{server.url}{path}", timeout=5), 401, "invalid_api_key")
+        assert httpx.get(f"{server.url}{path}", headers=right, timeout=5).status_code == 200
     assert post(server, "/v1/chat/completions", json=body, headers=right).status_code == 200
 
 
@@ -272,3 +288,14 @@ def test_health_and_readiness(gateway: GatewayFactory) -> None:
     debug = json.loads(httpx.get(f"{server.url}/debug/inflight", timeout=5).text)
     assert debug["inflight"] == []
     assert debug["pools"]["sim"]["admitted"] == 0
+
+
+def test_streams_report_every_phase_in_server_timing(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(target_model="sim@tokens=2"))
+    response = post(server, "/v1/chat/completions", json={"model": "m", "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    timing = response.headers["server-timing"]
+    for phase in ("queue", "upstream", "ttft", "total"):
+        assert f"{phase};dur=" in timing
+    assert response.text.rstrip().endswith("data: [DONE]")
