@@ -98,8 +98,7 @@ class Relay:
                 if self.exchange.committed:
                     raise
                 last = error
-        if last is None:  # the route allows no attempt at all: nothing was tried
-            raise BudgetExceeded("total", "No time budget left to call an upstream.")
+        assert last is not None  # every route has a target, tried at least once
         raise last
 
     async def _attempt(self, upstream: Upstream, target: Target) -> None:
