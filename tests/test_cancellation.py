@@ -3,6 +3,9 @@ deadline passed. Each test proves it where it counts: at the simulator, and in t
 
 from __future__ import annotations
 
+import socket
+import time
+
 import anyio
 import openai
 import pytest
@@ -159,3 +162,19 @@ async def test_a_real_disconnect_is_logged_as_one(
         await give_up_on(client, stream=False)
     await off_loop(wait_until_idle, server)
     assert access_outcomes(caplog) == ["client_disconnect"]
+
+
+def test_client_gone_during_upload_calls_no_upstream(
+    gateway: GatewayFactory, simulator: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="gateway.access")
+    server = gateway(one_route())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
+        )
+        time.sleep(0.2)  # the gateway is now waiting for the rest of the body
+    wait_until_idle(server)
+    time.sleep(0.2)
+    assert access_outcomes(caplog) == ["client_disconnect"]
+    assert simulator.stats()["total"] == 0

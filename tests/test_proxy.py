@@ -11,7 +11,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, one_route, sdk
+from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, one_route, raw_http, sdk
 
 pytestmark = pytest.mark.anyio
 
@@ -185,40 +185,13 @@ def test_unknown_path_and_method_get_envelopes(gateway: GatewayFactory) -> None:
     )
 
 
-def raw_exchange(server: LiveServer, head: bytes, chunks: list[bytes]) -> bytes:
-    """Send a request by hand (to control framing) and read the response head."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(head)
-        try:
-            for chunk in chunks:
-                sock.sendall(chunk)
-        except OSError:
-            pass  # the server may close once it has answered; the answer is what counts
-        answer = b""
-        while b"\r\n\r\n" not in answer or not _complete(answer):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
-
-
-def _complete(answer: bytes) -> bool:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return True
-
-
 def test_declared_oversized_body_is_413_before_reading_it(gateway: GatewayFactory) -> None:
     server = gateway(one_route(server={"max_body_bytes": 1000}))
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         b"content-length: 1000000000\r\n\r\n"
     )
-    answer = raw_exchange(server, head, [b"{"])  # 1 byte of a declared gigabyte
+    answer = raw_http(server, head, [b"{"])  # 1 byte of a declared gigabyte
     assert answer.startswith(b"HTTP/1.1 413")
     assert b'"request_too_large"' in answer
 
@@ -230,7 +203,7 @@ def test_chunked_oversized_body_is_413_without_reading_it_all(gateway: GatewayFa
         b"transfer-encoding: chunked\r\n\r\n"
     )
     chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"  # 1 KiB chunks; we send 2 and never finish
-    answer = raw_exchange(server, head, [chunk, chunk])
+    answer = raw_http(server, head, [chunk, chunk])
     assert answer.startswith(b"HTTP/1.1 413")
 
 

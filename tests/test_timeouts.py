@@ -7,6 +7,7 @@ gateway's `x-should-retry: false` stopped the SDK from multiplying the caller's 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,15 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import CHAT, GatewayFactory, Simulator, one_route, sdk
+from tests.conftest import (
+    CHAT,
+    GatewayFactory,
+    Simulator,
+    one_route,
+    raw_http,
+    sdk,
+    wait_until_idle,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +63,7 @@ async def test_pool_wait_times_out(gateway: GatewayFactory, simulator: Simulator
         group.cancel_scope.cancel()
     assert 0.8 < elapsed < 1 + SLACK_S
     assert simulator.stats()["total"] == 1  # the queued request never reached the upstream
+    wait_until_idle(server)
 
 
 async def _hold_slot(client: openai.AsyncOpenAI) -> None:
@@ -264,3 +274,21 @@ async def test_chained_gateways_enforce_the_outer_callers_budget(
     assert elapsed < 1 + SLACK_S
     stats = simulator.wait_for(lambda s: s["cancelled"] == 1 and s["open"] == 0)
     assert int(stats["last_headers"]["x-request-timeout-ms"]) < 1000 - 2 * 50
+
+
+def test_a_slow_upload_counts_against_the_deadline(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """The deadline starts at arrival: a body that trickles in is cut off at the deadline."""
+    server = gateway(one_route())
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-request-timeout-ms: 600\r\ncontent-length: 100\r\n\r\n"
+    )
+    started = time.monotonic()
+    answer = raw_http(server, head, [b"{"])  # 1 byte of 100, and no more
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert b'"deadline_exceeded"' in answer
+    assert 0.45 < elapsed < 0.6 + SLACK_S
+    assert simulator.stats()["total"] == 0
