@@ -231,6 +231,15 @@ JSON_HEADERS = {"content-type": "application/json"}
 _DONE = b"data: [DONE]\n\n"
 
 
+def pooled_client(concurrency: int) -> httpx2.AsyncClient:
+    """One pool of `concurrency` connections, all kept alive (as the gateway configures it)."""
+    return httpx2.AsyncClient(
+        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        timeout=httpx2.Timeout(REQUEST_TIMEOUT_S),
+        trust_env=False,
+    )
+
+
 def chat_body(model: str, *, stream: bool) -> bytes:
     """A small chat completion request, encoded once (the gateway also sends bytes)."""
     body = {"model": model, "messages": [{"role": "user", "content": "bench"}], "stream": stream}

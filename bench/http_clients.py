@@ -38,6 +38,7 @@ from bench._common import (
     machine,
     out,
     parse_args,
+    pooled_client,
     post_stream,
     post_whole,
     progress,
@@ -68,11 +69,7 @@ def make_client(lib: str, concurrency: int) -> AnyClient:
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S),
             trust_env=False,
         )
-    return httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=httpx2.Timeout(REQUEST_TIMEOUT_S),
-        trust_env=False,
-    )
+    return pooled_client(concurrency)
 
 
 async def measure(url: str, requests: int, concurrency: int, rounds: int) -> list[Comparison]:

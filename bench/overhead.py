@@ -31,7 +31,6 @@ import httpx2
 import yaml
 
 from bench._common import (
-    REQUEST_TIMEOUT_S,
     Comparison,
     Series,
     chat_body,
@@ -42,6 +41,7 @@ from bench._common import (
     machine,
     out,
     parse_args,
+    pooled_client,
     post_stream,
     post_whole,
     progress,
@@ -76,18 +76,10 @@ def gateway_config(simulator_url: str, concurrency: int) -> dict[str, Any]:
     }
 
 
-def make_client(concurrency: int) -> httpx2.AsyncClient:
-    return httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=httpx2.Timeout(REQUEST_TIMEOUT_S),
-        trust_env=False,
-    )
-
-
 async def measure(
     urls: dict[str, str], requests: int, concurrency: int, rounds: int
 ) -> list[Comparison]:
-    clients = {path: make_client(concurrency) for path in PATHS}
+    clients = {path: pooled_client(concurrency) for path in PATHS}
     comparisons = []
     try:
         for name, model, route, stream in MODES:

@@ -114,11 +114,11 @@ class ProxyEndpoint:
         self.gateway.authenticate(headers)
         limits = config.server.deadline
         hints = parse_hints(headers) if limits.client_headers else ClientHints()
-        body = None
         ceiling = budget_ceiling(arrival=arrival, limits=limits, hints=hints)
-        with anyio.CancelScope(deadline=ceiling):
+        body = b""
+        with anyio.CancelScope(deadline=ceiling) as upload:
             body = await _read_body(receive, headers, config.server.max_body_bytes)
-        if body is None:  # a slow upload counts against the deadline
+        if upload.cancelled_caught:  # a slow upload counts against the deadline
             raise BudgetExceeded("total", "The request body did not arrive within the deadline.")
         payload, model, stream = parse_payload(body)
         stream = stream and self.path != "embeddings"  # embeddings never stream

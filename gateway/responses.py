@@ -16,10 +16,8 @@ class ClientGone(Exception):
 class ResponseWriter:
     def __init__(self, send: Send) -> None:
         self._send = send
-        self.started = False
 
     async def start(self, status: int, headers: Mapping[str, str]) -> None:
-        self.started = True
         raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
         await self._emit({"type": "http.response.start", "status": status, "headers": raw})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from gateway.config import Config, Route, Target
-from gateway.errors import GatewayError, ModelNotFound, UpstreamStatus
+from gateway.errors import BudgetExceeded, GatewayError, ModelNotFound, Overloaded, UpstreamStatus
 
 
 class Router:
@@ -38,12 +38,11 @@ def failure_condition(failure: GatewayError) -> str | int | None:
     """The `retry_on` name of a failure before the response was committed, if it has one."""
     if isinstance(failure, UpstreamStatus):
         return failure.status
-    if failure.code == "upstream_saturated":
+    if isinstance(failure, Overloaded):
         return 503  # a full queue here is the upstream being unavailable to us
-    if failure.code in ("upstream_connect_error", "upstream_connect_timeout"):
-        return "connect"
-    if failure.code == "upstream_protocol_error":
-        return "protocol"
-    if failure.code in ("upstream_ttft_timeout", "deadline_exceeded"):
-        return "ttft"  # no first token within the attempt
-    return None
+    if isinstance(failure, BudgetExceeded):
+        # An attempt that ran out before committing had no first token either.
+        return {"connect": "connect", "ttft": "ttft", "attempt": "ttft"}.get(failure.phase)
+    return {"upstream_connect_error": "connect", "upstream_protocol_error": "protocol"}.get(
+        failure.code
+    )

@@ -81,14 +81,12 @@ class Upstream:
 
     def build_request(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Request:
         if self.config.api_key:
-            headers["authorization"] = f"Bearer {self.config.api_key}"
+            headers = {**headers, "authorization": f"Bearer {self.config.api_key}"}
         return self.client.build_request("POST", path, content=body, headers=headers)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise map_transport_error(exc) from exc
+        """Send and return once the response headers are in; the body is read by the caller."""
+        return await self.client.send(request, stream=True)
 
     def pool_state(self) -> dict[str, int]:
         """Requests admitted and queued, and the client's sockets, for debugging and metrics."""

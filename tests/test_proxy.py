@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from typing import Any
 
@@ -258,7 +257,7 @@ def test_health_and_readiness(gateway: GatewayFactory) -> None:
     server = gateway(one_route())
     assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz", timeout=5).json() == {"ready": True}
-    debug = json.loads(httpx.get(f"{server.url}/debug/inflight", timeout=5).text)
+    debug = httpx.get(f"{server.url}/debug/inflight", timeout=5).json()
     assert debug["inflight"] == []
     assert debug["pools"]["sim"]["admitted"] == 0
 
