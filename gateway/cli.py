@@ -20,6 +20,7 @@ DEFAULT_CONFIG = Path("gateway.yaml")
 # How `serve` hands its choice to the app factory, which runs in every worker process.
 _CONFIG_ENV = "LLM_GATEWAY_SERVE_CONFIG"
 _DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
+_LOG_LEVEL_ENV = "LLM_GATEWAY_SERVE_LOG_LEVEL"
 _GRACEFUL_SHUTDOWN_S = 10
 _DEMO_BODY = '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
 
@@ -66,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         base = f"http://{host}:{args.port}"
         os.environ[_DEMO_URL_ENV] = f"{base}{SIMULATOR_PREFIX}/v1"
         _print_demo_banner(base)
+    os.environ[_LOG_LEVEL_ENV] = args.log_level
     _configure_logging(args.log_level)
     uvicorn.run(
         "gateway.cli:app_factory",
@@ -81,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def app_factory() -> Starlette:
     """Build the app in a server process from what `serve` decided."""
-    _configure_logging("info")
+    _configure_logging(os.environ.get(_LOG_LEVEL_ENV, "info"))  # worker processes start bare
     path = os.environ.get(_CONFIG_ENV)
     if path is not None:
         return create_app(load_config(path))

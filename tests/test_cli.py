@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx
@@ -98,15 +99,22 @@ def free_port() -> int:
     return port
 
 
+@dataclass
+class Served:
+    url: str
+    output: str = ""  # everything the process printed, once it has stopped
+
+
 @contextmanager
-def serving(args: list[str], cwd: Path) -> Iterator[str]:
-    """Run `llm-gateway serve ...` and yield its URL once /readyz says so."""
+def serving(args: list[str], cwd: Path) -> Iterator[Served]:
+    """Run `llm-gateway serve ...`; yield its URL once /readyz says so, its output after."""
     port = free_port()
     command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]
     process = subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
     )
-    url = f"http://127.0.0.1:{port}"
+    served = Served(url=f"http://127.0.0.1:{port}")
+    url = served.url
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -120,7 +128,7 @@ def serving(args: list[str], cwd: Path) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "serve never became ready"
             time.sleep(0.1)
-        yield url
+        yield served
     finally:
         process.terminate()
         try:
@@ -129,11 +137,13 @@ def serving(args: list[str], cwd: Path) -> Iterator[str]:
             process.kill()
             process.wait()
         if process.stdout:
+            served.output = process.stdout.read().decode()
             process.stdout.close()
 
 
 def test_serve_without_config_runs_the_demo(tmp_path: Path) -> None:
-    with serving([], cwd=tmp_path) as url:
+    with serving([], cwd=tmp_path) as served:
+        url = served.url
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="any")
         completion = client.chat.completions.create(model="demo", messages=CHAT)
         assert completion.choices[0].message.content
@@ -153,12 +163,28 @@ def test_serve_with_a_config_file_and_two_workers(tmp_path: Path, simulator: Sim
         f"upstreams: [{{name: sim, base_url: '{simulator.base_url}'}}]\n"
         "routes: [{model: m, targets: [{upstream: sim, model: sim@tokens=2}]}]\n"
     )
-    with serving(["--config", str(config), "--workers", "2"], cwd=tmp_path) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="any")
+    args = ["--config", str(config), "--workers", "2", "--log-level", "warning"]
+    with serving(args, cwd=tmp_path) as served:
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="any")
         for _ in range(4):
             assert client.chat.completions.create(model="m", messages=CHAT).choices
         client.close()
     assert simulator.stats()["completed"] == 4
+    assert "gateway.access" not in served.output  # the workers kept the chosen log level
+
+
+def test_serve_logs_one_access_line_per_request(tmp_path: Path, simulator: Simulator) -> None:
+    config = tmp_path / "custom.yaml"
+    config.write_text(
+        f"upstreams: [{{name: sim, base_url: '{simulator.base_url}'}}]\n"
+        "routes: [{model: m, targets: [{upstream: sim}]}]\n"
+    )
+    with serving(["--config", str(config), "--workers", "2"], cwd=tmp_path) as served:
+        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="any")
+        client.chat.completions.create(model="m", messages=CHAT)
+        client.close()
+    assert served.output.count("gateway.access") == 1
+    assert "outcome=ok" in served.output
 
 
 def test_serve_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
