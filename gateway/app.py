@@ -72,6 +72,8 @@ def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if config.auth is None:
             log.warning("No auth.keys configured: the gateway is open to anyone who can reach it.")
+        for upstream in upstreams.values():
+            await upstream.open()
         app.state.ready = True
         try:
             yield

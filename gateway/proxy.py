@@ -8,7 +8,6 @@ the relay (`gateway.relay`) does the upstream exchange and answers every failure
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import anyio
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
+from gateway import jsonbody
 from gateway.config import Config, Route
 from gateway.deadline import ClientHints, budget_ceiling, parse_hints, resolve_budget
 from gateway.errors import (
@@ -72,7 +72,9 @@ class ProxyEndpoint:
         writer = ResponseWriter(send)
         reply_headers = {"x-request-id": request_id}
         try:
-            exchange, route, payload = await self._admit(arrival, headers, receive, request_id)
+            exchange, route, body, payload = await self._admit(
+                arrival, headers, receive, request_id
+            )
         except GatewayError as error:
             _log_line(request_id, self.path, "-", error.status, error.code, arrival)
             timing = f"total;dur={(anyio.current_time() - arrival) * 1000:.1f}"
@@ -85,6 +87,7 @@ class ProxyEndpoint:
             exchange=exchange,
             route=route,
             path=self.path,
+            body=body,
             payload=payload,
             upstreams=self.gateway.upstreams,
             writer=writer,
@@ -109,7 +112,7 @@ class ProxyEndpoint:
 
     async def _admit(
         self, arrival: float, headers: Headers, receive: Receive, request_id: str
-    ) -> tuple[Exchange, Route, dict[str, Any]]:
+    ) -> tuple[Exchange, Route, bytes, dict[str, Any]]:
         config = self.gateway.config
         self.gateway.authenticate(headers)
         limits = config.server.deadline
@@ -131,13 +134,13 @@ class ProxyEndpoint:
         exchange = Exchange(
             request_id=request_id, route=model, stream=stream, arrival=arrival, budget=budget
         )
-        return exchange, route, payload
+        return exchange, route, body, payload
 
 
 def parse_payload(body: bytes) -> tuple[dict[str, Any], str, bool]:
     """The JSON object, its `model` and whether it asks for a stream; 400 on anything else."""
     try:
-        payload = json.loads(body)
+        payload = jsonbody.loads(body)
     except ValueError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(payload, dict):

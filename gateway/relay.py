@@ -16,15 +16,15 @@ released. Nothing here takes a `timeout=`: phases read the request's `RequestBud
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx2 as httpx
 
+from gateway import jsonbody
 from gateway.config import Route, Target
 from gateway.deadline import timeout_header_ms
 from gateway.errors import BudgetExceeded, GatewayError, UpstreamFailed, UpstreamStatus
@@ -32,7 +32,7 @@ from gateway.inflight import Exchange
 from gateway.responses import ResponseWriter
 from gateway.routing import attempt_plan, failure_condition
 from gateway.sse import Event, SSEDecoder, error_event
-from gateway.upstream import UPSTREAM_ERRORS, Upstream, close_response, map_transport_error
+from gateway.upstream import UPSTREAM_ERRORS, Upstream, map_transport_error
 
 log = logging.getLogger("gateway.relay")
 
@@ -47,6 +47,7 @@ class Relay:
         exchange: Exchange,
         route: Route,
         path: str,
+        body: bytes,
         payload: dict[str, Any],
         upstreams: Mapping[str, Upstream],
         writer: ResponseWriter,
@@ -55,6 +56,7 @@ class Relay:
         self.exchange = exchange
         self.route = route
         self.path = path
+        self.body = body  # as the client sent it: forwarded with only `model` swapped
         self.payload = payload
         self.upstreams = upstreams
         self.writer = writer
@@ -128,29 +130,27 @@ class Relay:
             "x-request-id": exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
         }
-        request = upstream.build_request(
-            self.path, json.dumps({**self.payload, "model": target.model}).encode(), headers
-        )
-        # Streaming: the first token is due `ttft_s` after the attempt starts, whatever holds
-        # it up (connect, headers, keep-alives). Not streaming: the whole answer is the token.
-        first_due = started + budget.ttft_s if exchange.stream else math.inf
-        response: httpx.Response | None = None
-        events = None
+        body = jsonbody.with_model(self.body, self.payload, target.model)
+        response: aiohttp.ClientResponse | None = None
         try:
+            # Streaming: the first token is due `ttft_s` after the attempt starts, whatever
+            # holds it up (connect, headers, keep-alives). Not streaming: the whole answer is
+            # the token, bounded by the attempt and the deadline.
+            first_due = started + budget.ttft_s if exchange.stream else float("inf")
             with anyio.CancelScope(deadline=first_due) as first_scope:
                 exchange.phase = "connecting"
-                response = await upstream.send(request)
+                response = await upstream.send(self.path, body, headers)
                 exchange.upstream_s = anyio.current_time() - started
                 exchange.phase = "waiting_first_token"
-                if response.status_code >= 400:
+                if response.status >= 400:
                     raise UpstreamStatus(
-                        response.status_code, await _read_limited(response), response.headers
+                        response.status, await _read_limited(response), response.headers
                     )
                 if not exchange.stream:
                     await self._relay_whole(response)
                     return
-                events = _content_events(response)
-                first = await anext(events, None)
+                events = _ContentEvents(response)
+                first = await events.next_batch()
             if first_scope.cancelled_caught:
                 raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
             if first is None:
@@ -158,27 +158,25 @@ class Relay:
                     "The upstream ended the stream before any event.",
                     code="upstream_protocol_error",
                 )
-            assert events is not None  # set whenever the stream branch got this far
             await self._relay_stream(first, events)
         except UPSTREAM_ERRORS as exc:
             raise map_transport_error(exc) from exc
         finally:
-            if events is not None:
-                await events.aclose()
             if response is not None:
-                await close_response(response)
+                upstream.close(response)
 
-    async def _relay_whole(self, response: httpx.Response) -> None:
+    async def _relay_whole(self, response: aiohttp.ClientResponse) -> None:
         exchange = self.exchange
-        body = await response.aread()
-        json.loads(body)  # garbage from upstream is a 502, not a 200 the SDK chokes on
+        body = await response.read()
+        jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 the SDK chokes on
         exchange.ttft_s = anyio.current_time() - exchange.arrival
         exchange.committed = exchange.finishing = True
         content_type = response.headers.get("content-type", "application/json")
         await self.writer.whole(200, self._success_headers(content_type), body)
 
-    async def _relay_stream(self, first: Event, events: AsyncIterator[Event]) -> None:
-        """Commit on the first content event, then pass each on; `idle_s` bounds every gap."""
+    async def _relay_stream(self, first: list[Event], events: _ContentEvents) -> None:
+        """Commit on the first content event, then pass each chunk's events on as one write;
+        `idle_s` bounds every gap, kept by one lazily re-armed timer, not a scope per event."""
         exchange = self.exchange
         idle_s = exchange.budget.idle_s
         now = anyio.current_time()
@@ -187,17 +185,25 @@ class Relay:
         await self.writer.start(200, self._success_headers("text/event-stream"))
         exchange.committed = True
         exchange.phase = "streaming"
-        event: Event | None = first
-        while event is not None:
-            exchange.finishing = event.is_done
-            await self.writer.body(event.raw, more=not event.is_done)
-            if event.is_done:
-                return
-            with anyio.CancelScope(deadline=anyio.current_time() + idle_s) as idle_scope:
-                event = await anext(events, None)
-            if idle_scope.cancelled_caught:
-                raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
-            exchange.last_content_at = anyio.current_time()
+        batch: list[Event] | None = first
+        with anyio.CancelScope() as idle_scope:
+            watchdog = _IdleWatchdog(idle_scope, idle_s)
+            try:
+                while batch is not None:
+                    done = _until_done(batch)
+                    exchange.finishing = done is not None
+                    if done is not None:
+                        await self.writer.body(done, more=False)
+                        return
+                    raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
+                    await self.writer.body(raw)
+                    # The gap is counted from here, so a slow client is not an idle upstream.
+                    exchange.last_content_at = watchdog.touch()
+                    batch = await events.next_batch()
+            finally:
+                watchdog.stop()
+        if watchdog.fired:
+            raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
         exchange.finishing = True
         await self.writer.body(b"", more=False)
 
@@ -226,28 +232,80 @@ class Relay:
         return headers
 
 
-async def _content_events(response: httpx.Response) -> AsyncGenerator[Event, None]:
-    """The upstream's content events; comment-only blocks (keep-alives) are dropped."""
-    decoder = SSEDecoder()
-    async for chunk in response.aiter_bytes():
-        for event in decoder.feed(chunk):
-            if event.is_content:
-                yield _checked(event)
-    for event in decoder.flush():
-        if event.is_content:
-            yield _checked(event)
+class _ContentEvents:
+    """The upstream's content events, a chunk's worth at a time; keep-alive comments dropped.
+
+    Events are checked to be JSON until the first one is out (a garbage stream is a 502);
+    after that they are relayed as they came, unparsed.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._content = response.content
+        self._decoder = SSEDecoder()
+        self._ended = False
+        self._checked = False
+
+    async def next_batch(self) -> list[Event] | None:
+        """The content events of the next chunk that has any; None at the end of the stream."""
+        while not self._ended:
+            chunk = await self._content.readany()
+            if chunk:
+                events = self._decoder.feed(chunk)
+            else:
+                self._ended = True
+                events = self._decoder.flush()
+            batch = [event for event in events if event.is_content]
+            if batch:
+                if not self._checked:
+                    self._checked = True
+                    for event in batch:
+                        if not event.is_done:
+                            jsonbody.loads(event.data or b"")
+                return batch
+        return None
 
 
-def _checked(event: Event) -> Event:
-    if not event.is_done:
-        json.loads(event.data or "")  # a non-JSON data event is a protocol error
-    return event
+def _until_done(batch: list[Event]) -> bytes | None:
+    """The batch's bytes up to and including `data: [DONE]`, if it has that event."""
+    for index, event in enumerate(batch):
+        if event.is_done:
+            return b"".join(e.raw for e in batch[: index + 1])
+    return None
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
+class _IdleWatchdog:
+    """Cancels `scope` when `idle_s` pass without `touch()`: one timer handle per stream,
+    re-armed only when it fires early, so relaying an event costs a clock read."""
+
+    def __init__(self, scope: anyio.CancelScope, idle_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._scope = scope
+        self._idle_s = idle_s
+        self._last = self._loop.time()
+        self._timer = self._loop.call_at(self._last + idle_s, self._check)
+        self.fired = False
+
+    def touch(self) -> float:
+        self._last = now = self._loop.time()
+        return now
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        due = self._last + self._idle_s
+        if self._loop.time() >= due:
+            self.fired = True
+            self._scope.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
     body = b""
-    async for chunk in response.aiter_bytes():
+    while len(body) <= _MAX_ERROR_BODY:
+        chunk = await response.content.readany()
+        if not chunk:
+            return body
         body += chunk
-        if len(body) > _MAX_ERROR_BODY:
-            return body[:_MAX_ERROR_BODY]
-    return body
+    return body[:_MAX_ERROR_BODY]

@@ -31,6 +31,8 @@ An unknown knob or a bad value is a 400 naming the knob.
     retry-after   with `status`: the value of a `Retry-After` header
     malformed     `json`: a non-streaming 200 whose body is `{"id": "broken`; `sse`: a stream
                   whose first event is `data: {not json}` (each is ignored in the other mode)
+    close         `true`: answer with `Connection: close`, so the server closes the connection
+                  after the response (the client must not reuse it)
     reset         `after-headers`: send the 200 headers, then drop the connection; `after-N`:
                   stream N tokens, then drop it (not streaming: as `after-headers`). The app
                   returns with the response unfinished, so the server closes the connection
@@ -40,8 +42,10 @@ An unknown knob or a bad value is a 400 naming the knob.
 `GET /sim/stats` returns `open` (POST /v1 requests in progress), `total` (POST /v1 requests
 received), `completed` (answered in full, error statuses included), `cancelled` (the client went
 away first, in any phase; noticed within milliseconds), `reset` (dropped by the `reset` knob),
-`peak_open` (the most requests open at once), and `last_headers` (lower-cased) and `last_body`
-(parsed JSON, or null) of the last POST /v1 request. `POST /sim/reset` zeroes all of it but
+`peak_open` (the most requests open at once), `connections` (distinct client sockets seen, by
+address and port: 1 for many requests means the client reused its connection), and
+`last_headers` (lower-cased) and `last_body` (parsed JSON, or null) of the last POST /v1
+request. `POST /sim/reset` zeroes all of it but
 `open`.
 """
 
@@ -70,7 +74,7 @@ MAX_TOKENS = 100_000
 EMBEDDING_DIMS = 8
 KNOBS = frozenset(
     {"latency-ms", "ttft-ms", "gap-ms", "tokens", "hang", "keepalive-ms", "status"}
-    | {"retry-after", "malformed", "reset"}
+    | {"retry-after", "malformed", "reset", "close"}
 )
 
 Knobs = Mapping[str, str]
@@ -107,6 +111,7 @@ class Faults:
     retry_after: str | None = None
     malformed: str | None = None  # "json" or "sse"
     reset_after_tokens: int | None = None  # reset=after-headers is 0
+    close: bool = False
 
 
 def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
@@ -121,6 +126,8 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         raise FaultError(unknown[0], f"unknown simulator knob {unknown[0]!r}; known: {known}")
     if knobs.get("malformed") not in (None, "json", "sse"):
         raise _invalid(knobs, "malformed", "json or sse")
+    if knobs.get("close") not in (None, "true", "false"):
+        raise _invalid(knobs, "close", "true or false")
     if knobs.get("retry-after") == "":
         raise _invalid(knobs, "retry-after", "a value")
     hang = knobs.get("hang")
@@ -136,6 +143,7 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         retry_after=knobs.get("retry-after"),
         malformed=knobs.get("malformed"),
         reset_after_tokens=_after(knobs, "reset", alias="after-headers"),
+        close=knobs.get("close") == "true",
     )
 
 
@@ -193,17 +201,26 @@ class SimulatorStats:
     cancelled: int = 0
     reset: int = 0
     total: int = 0
-    peak_open: int = 0  # the most requests open at once: proves a client's connection cap
+    peak_open: int = 0  # the most requests open at once
+    connections: int = 0  # distinct client sockets seen: proves connection reuse
     last_headers: dict[str, str] = field(default_factory=dict)
     last_body: Any = None
+    _peers: set[object] = field(default_factory=set, repr=False)
+
+    def report(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if not name.startswith("_")}
 
     def clear(self) -> None:
         """Zero everything but `open`, which counts live requests."""
-        self.completed = self.cancelled = self.reset = self.total = 0
+        self.completed = self.cancelled = self.reset = self.total = self.connections = 0
+        self._peers.clear()
         self.peak_open = self.open
         self.last_headers, self.last_body = {}, None
 
-    def started(self, headers: dict[str, str]) -> None:
+    def started(self, headers: dict[str, str], peer: object) -> None:
+        if peer not in self._peers:
+            self._peers.add(peer)
+            self.connections += 1
         self.open += 1
         self.peak_open = max(self.peak_open, self.open)
         self.total += 1
@@ -422,6 +439,8 @@ async def _stream(send: Send, job: _Job) -> None:
 
 async def _produce(send: Send, job: _Job) -> None:
     faults = job.faults
+    if faults.close:
+        send = partial(_with_connection_close, send)
     await anyio.sleep(faults.latency_ms / 1000)
     if faults.hang_before_headers:
         await anyio.sleep(HANG_LIMIT_MS / 1000)
@@ -438,6 +457,12 @@ async def _produce(send: Send, job: _Job) -> None:
         await _stream(send, job)
     else:
         await _send_whole(send, faults, _Completion(job).whole())
+
+
+async def _with_connection_close(send: Send, message: Message) -> None:
+    if message["type"] == "http.response.start":
+        message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+    await send(message)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -497,7 +522,7 @@ class _Endpoint:
         headers = {
             key.decode("latin-1").lower(): val.decode("latin-1") for key, val in scope["headers"]
         }
-        self._stats.started(headers)
+        self._stats.started(headers, tuple(scope.get("client") or ()))
         outcome: Outcome = "cancelled"
         try:
             if (raw := await _read_body(receive)) is not None:
@@ -527,11 +552,11 @@ def create_simulator_app() -> Starlette:
     stats = SimulatorStats()
 
     async def read_stats(request: Request) -> JSONResponse:
-        return JSONResponse(asdict(stats))
+        return JSONResponse(stats.report())
 
     async def reset_stats(request: Request) -> JSONResponse:
         stats.clear()
-        return JSONResponse(asdict(stats))
+        return JSONResponse(stats.report())
 
     app = Starlette(
         routes=[

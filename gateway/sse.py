@@ -20,7 +20,7 @@ class SSEProtocolError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Event:
     raw: bytes  # the whole block with its blank-line terminator, forwarded as is
-    data: str | None  # the joined `data:` lines; None for a comment-only block
+    data: bytes | None  # the joined `data:` lines; None for a comment-only block
 
     @property
     def is_content(self) -> bool:
@@ -28,7 +28,7 @@ class Event:
 
     @property
     def is_done(self) -> bool:
-        return self.data == "[DONE]"
+        return self.data == b"[DONE]"
 
 
 class SSEDecoder:
@@ -55,12 +55,14 @@ class SSEDecoder:
 
 def _event(block: bytes) -> Event:
     block = block.lstrip(b"\n")
-    data: list[str] = []
+    if b"\n" not in block and block.startswith(b"data: "):  # the common case: one data line
+        return Event(raw=block + b"\n\n", data=block[6:])
+    data: list[bytes] = []
     for line in block.split(b"\n"):
         if line.startswith(b"data:"):
             value = line[5:]
-            data.append((value[1:] if value.startswith(b" ") else value).decode(errors="replace"))
-    return Event(raw=block + b"\n\n", data="\n".join(data) if data else None)
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return Event(raw=block + b"\n\n", data=b"\n".join(data) if data else None)
 
 
 def error_event(error: GatewayError) -> bytes:

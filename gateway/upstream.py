@@ -3,19 +3,27 @@
 The bulkhead admits at most `max_connections` requests at once, so the HTTP client's own pool
 (sized the same) never makes anyone wait: all waiting happens here, where it is counted,
 bounded by `max_pending`, and ended by the request's deadline (the caller's cancel scope).
+
+The HTTP client is aiohttp, chosen by measurement (bench/README.md): it costs a third of the
+CPU per request of the pure-Python clients. Its session needs a running loop, so `open()` is
+called at start-up. Only `connect_s` is timed by the client; every other phase is a cancel
+scope of the request's deadline (a read timeout would be a per-read idle gap, not a budget).
 """
 
 from __future__ import annotations
 
+import socket
 from collections import deque
-from typing import Any
 
+import aiohttp
 import anyio
-import httpx2 as httpx
 
 from gateway.config import UpstreamConfig
 from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamFailed
 from gateway.sse import SSEProtocolError
+
+# What aiohttp's socket_factory is given: getaddrinfo()'s (family, type, proto, name, address).
+_AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
 
 
 class Bulkhead:
@@ -58,76 +66,91 @@ class Bulkhead:
 
 
 class Upstream:
-    def __init__(
-        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.name = config.name
         self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
-        self.client = httpx.AsyncClient(
-            base_url=config.base_url + "/",
-            transport=transport,
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-                keepalive_expiry=config.keepalive_expiry_s,
-            ),
-            # Only connect is timed by the client; every other phase is a cancel scope of the
-            # request's deadline (a read timeout would be a per-read idle gap, not a budget).
-            timeout=httpx.Timeout(None, connect=config.connect_s),
-            follow_redirects=False,
-            trust_env=False,
+        self._base = config.base_url.rstrip("/") + "/"
+        self._auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._session: aiohttp.ClientSession | None = None
+        # Our own view of the pool (aiohttp has no public one): every socket the client opened,
+        # pruned once closed, and the responses that hold one.
+        self._sockets: list[socket.socket] = []
+        self._responses = 0
+
+    async def open(self) -> None:
+        """Create the HTTP client; needs the running event loop."""
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            keepalive_timeout=self.config.keepalive_expiry_s,
+            socket_factory=self._new_socket,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_s),
+            cookie_jar=aiohttp.DummyCookieJar(),  # one upstream's cookies are no one's business
+            skip_auto_headers=("User-Agent",),
         )
 
-    def build_request(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Request:
-        if self.config.api_key:
-            headers = {**headers, "authorization": f"Bearer {self.config.api_key}"}
-        return self.client.build_request("POST", path, content=body, headers=headers)
+    async def send(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST and return once the response headers are in; the caller reads the body, then
+        hands the response to `close`."""
+        assert self._session is not None, "Upstream.open() was not called"
+        response = await self._session.post(
+            self._base + path, data=body, headers={**headers, **self._auth}, allow_redirects=False
+        )
+        self._responses += 1
+        return response
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send and return once the response headers are in; the body is read by the caller."""
-        return await self.client.send(request, stream=True)
+    def close(self, response: aiohttp.ClientResponse) -> None:
+        """Give the socket back to the pool if the body was read to its end, else close it, so
+        the upstream sees the request abandoned (for vLLM that frees the GPU)."""
+        self._responses -= 1
+        if response.content.is_eof():
+            response.release()
+        else:
+            response.close()
 
     def pool_state(self) -> dict[str, int]:
         """Requests admitted and queued, and the client's sockets, for debugging and metrics."""
-        connections = _pool_connections(self.client)
-        idle = sum(1 for connection in connections if connection.is_idle())
+        self._sockets = [sock for sock in self._sockets if sock.fileno() != -1]
+        active = min(self._responses, len(self._sockets))
         return {
             "admitted": self.bulkhead.active,
             "queued": self.bulkhead.pending,
-            "connections_active": len(connections) - idle,
-            "connections_idle": idle,
+            "connections_active": active,
+            "connections_idle": len(self._sockets) - active,
         }
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-
-def _pool_connections(client: httpx.AsyncClient) -> list[Any]:
-    # httpx has no public view of its pool; the transport we create always has one.
-    pool = getattr(getattr(client, "_transport", None), "_pool", None)
-    return list(getattr(pool, "connections", []))
-
-
-async def close_response(response: httpx.Response) -> None:
-    """Close an upstream response whatever state we are in: shielded, bounded."""
-    with anyio.move_on_after(1, shield=True):
-        await response.aclose()
+    def _new_socket(
+        self, addr_info: tuple[int, int, int, str, tuple[object, ...]]
+    ) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        if len(self._sockets) >= 2 * self.config.max_connections:
+            self._sockets = [known for known in self._sockets if known.fileno() != -1]
+        self._sockets.append(sock)
+        return sock
 
 
 # What talking to an upstream can raise besides our own errors: transport, framing, bad JSON.
-UPSTREAM_ERRORS = (httpx.HTTPError, httpx.StreamError, SSEProtocolError, ValueError)
+# Only the client library's own classes: its timeouts subclass TimeoutError, as does our
+# BudgetExceeded, which must pass through untouched.
+UPSTREAM_ERRORS = (aiohttp.ClientError, SSEProtocolError, ValueError)
 
 
 def map_transport_error(exc: Exception) -> GatewayError:
     """The one place where client and framing exceptions become gateway errors."""
-    if isinstance(exc, httpx.ConnectTimeout):
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return BudgetExceeded("connect", "Timed out connecting to the upstream.")
-    if isinstance(exc, httpx.PoolTimeout):
-        return BudgetExceeded("pool", "Timed out waiting for an upstream connection.")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailed(
-            f"Could not connect to the upstream: {exc}", code="upstream_connect_error"
+            f"Could not connect to the upstream: {exc}",
+            code="upstream_connect_error",
         )
     return UpstreamFailed(
         f"The upstream broke the protocol: {exc or type(exc).__name__}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -83,6 +84,60 @@ class Simulator(LiveServer):
     ) -> dict[str, Any]:
         """`wait_for` for async tests: polls in a worker thread, so the test's loop runs on."""
         return await anyio.to_thread.run_sync(self.wait_for, predicate, within_s)
+
+
+class SocketCounter:
+    """A TCP relay on a loopback port in front of `port` that counts the sockets through it:
+    the one exact way to see how many connections a client really holds open at once."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self.port = 0
+        self.open = self.peak = self.total = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self._stop: asyncio.Event | None = None
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        self.total += 1
+        self.peak = max(self.peak, self.open)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self.open -= 1
+            writer.close()
+
+    def __enter__(self) -> SocketCounter:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=5)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
 
 
 def debug_state(server: LiveServer) -> dict[str, Any]:

@@ -155,6 +155,8 @@ def test_serve_without_config_runs_the_demo(tmp_path: Path) -> None:
         assert caught.value.status_code == 504
         assert time.monotonic() - started < 3 + 2  # the demo route's total_s, with slack
         client.close()
+    # The fast loop and parser are installed with the gateway, used, and named at start-up.
+    assert "serving with event loop uvloop and HTTP parser httptools" in served.output
 
 
 def test_serve_with_a_config_file_and_two_workers(tmp_path: Path, simulator: Simulator) -> None:

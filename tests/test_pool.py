@@ -14,6 +14,8 @@ from tests.conftest import (
     CHAT,
     GatewayFactory,
     Simulator,
+    SocketCounter,
+    debug_state,
     off_loop,
     one_route,
     sdk,
@@ -27,14 +29,65 @@ pytestmark = pytest.mark.anyio
 async def test_connections_never_exceed_the_cap(
     gateway: GatewayFactory, simulator: Simulator
 ) -> None:
-    server = gateway(one_route(target_model="sim@latency-ms=200", upstream={"max_connections": 2}))
-    async with sdk(server) as client, anyio.create_task_group() as group:
-        for _ in range(8):
-            group.start_soon(_call, client)
-    stats = simulator.stats()
-    assert stats["completed"] == 8
-    assert stats["peak_open"] == 2
+    """Counted in sockets, between the gateway and the upstream. (The simulator's `peak_open`
+    counts requests whose handler has not returned: a server may start the next request on a
+    connection before the last one's handler returns, so it can read 3 with 2 sockets.)"""
+    with SocketCounter(simulator.port) as counter:
+        server = gateway(
+            one_route(target_model="sim@latency-ms=200", upstream={"max_connections": 2}),
+            env={"SIM": f"http://127.0.0.1:{counter.port}/v1"},
+        )
+        async with sdk(server) as client, anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(_call, client)
+        assert simulator.stats()["completed"] == 8
+        assert counter.peak == 2
+        wait_until_idle(server)
+
+
+async def test_connections_are_reused(gateway: GatewayFactory, simulator: Simulator) -> None:
+    server = gateway(one_route(target_model="sim@tokens=2"))
+    async with sdk(server) as client:
+        for stream in (False, True, False, True):
+            response = await client.chat.completions.create(model="m", messages=CHAT, stream=stream)
+            if stream:
+                async for _ in response:  # type: ignore[union-attr]
+                    pass
+    assert simulator.stats()["connections"] == 1
+    pool = debug_state(server)["pools"]["sim"]
+    assert (pool["connections_active"], pool["connections_idle"]) == (0, 1)
+
+
+async def test_an_upstream_connection_close_is_honoured(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(one_route(target_model="sim@tokens=2,close=true"))
+    async with sdk(server, max_retries=0) as client:
+        for stream in (False, True, False):
+            response = await client.chat.completions.create(model="m", messages=CHAT, stream=stream)
+            if stream:
+                async for _ in response:  # type: ignore[union-attr]
+                    pass
+    assert simulator.stats()["completed"] == 3
+    assert simulator.stats()["connections"] == 3  # a new socket each time, none failed
     wait_until_idle(server)
+    await anyio.sleep(0.1)  # the closed socket is seen closed
+    assert debug_state(server)["pools"]["sim"]["connections_idle"] == 0
+
+
+async def test_pool_gauges_count_the_sockets_in_use(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(one_route(target_model="sim@hang=body", budget={"total_s": 5}))
+    async with sdk(server, max_retries=0) as client, anyio.create_task_group() as group:
+        group.start_soon(_hang, client)
+        await simulator.until(lambda s: s["open"] == 1)
+        pool = (await off_loop(debug_state, server))["pools"]["sim"]
+        assert (pool["admitted"], pool["connections_active"]) == (1, 1)
+        group.cancel_scope.cancel()
+    wait_until_idle(server)
+    pool = debug_state(server)["pools"]["sim"]
+    assert pool["connections_idle"] == 0  # a cancelled answer's socket is closed, not reused
 
 
 async def _call(client: openai.AsyncOpenAI) -> None:

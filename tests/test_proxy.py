@@ -54,6 +54,17 @@ async def test_chat_non_streaming(gateway: GatewayFactory, simulator: Simulator)
     assert "authorization" not in seen["last_headers"]  # the client's key never goes upstream
 
 
+def test_the_upstream_gets_the_clients_values_exactly(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """Integers past 64 bits stay integers (NaN: tests/test_jsonbody.py): only `model` changes."""
+    server = gateway(one_route("gpt-x", target_model="sim@tokens=1"))
+    body = b'{"model": "gpt-x", "messages": [], "seed": 123456789012345678901234567890}'
+    assert post(server, "/v1/chat/completions", content=body).status_code == 200
+    sent = simulator.stats()["last_body"]
+    assert sent == {"model": "sim@tokens=1", "messages": [], "seed": 123456789012345678901234567890}
+
+
 async def test_upstream_key_from_config_replaces_the_clients(
     gateway: GatewayFactory, simulator: Simulator
 ) -> None:

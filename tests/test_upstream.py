@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import aiohttp
 import anyio
 import anyio.lowlevel
-import httpx2 as httpx
 import pytest
 
 from gateway.errors import BudgetExceeded, Overloaded, UpstreamFailed
 from gateway.sse import SSEProtocolError
-from gateway.upstream import Bulkhead, map_transport_error
+from gateway.upstream import UPSTREAM_ERRORS, Bulkhead, map_transport_error
 
 pytestmark = pytest.mark.anyio
 
@@ -84,14 +84,19 @@ async def test_slot_is_never_lost_when_a_waiter_is_cancelled_as_it_is_served() -
     assert (bulkhead.active, bulkhead.pending) == (0, 0)
 
 
+def _refused() -> aiohttp.ClientConnectorError:
+    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
+    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+
+
 @pytest.mark.parametrize(
     ("exc", "kind", "code"),
     [
-        (httpx.ConnectTimeout("t"), BudgetExceeded, "upstream_connect_timeout"),
-        (httpx.PoolTimeout("t"), BudgetExceeded, "upstream_pool_timeout"),
-        (httpx.ConnectError("refused"), UpstreamFailed, "upstream_connect_error"),
-        (httpx.RemoteProtocolError("bad"), UpstreamFailed, "upstream_protocol_error"),
-        (httpx.ReadError("reset"), UpstreamFailed, "upstream_protocol_error"),
+        (aiohttp.ConnectionTimeoutError("t"), BudgetExceeded, "upstream_connect_timeout"),
+        (_refused(), UpstreamFailed, "upstream_connect_error"),
+        (aiohttp.ServerDisconnectedError(), UpstreamFailed, "upstream_protocol_error"),
+        (aiohttp.ClientPayloadError("cut"), UpstreamFailed, "upstream_protocol_error"),
+        (aiohttp.ClientOSError(104, "reset"), UpstreamFailed, "upstream_protocol_error"),
         (SSEProtocolError("long"), UpstreamFailed, "upstream_protocol_error"),
         (ValueError("json"), UpstreamFailed, "upstream_protocol_error"),
     ],
@@ -102,3 +107,10 @@ def test_transport_errors_map_to_the_most_specific(
     mapped = map_transport_error(exc)
     assert isinstance(mapped, kind)
     assert mapped.code == code
+
+
+def test_our_own_timeouts_are_never_taken_for_transport_errors() -> None:
+    """aiohttp's timeouts subclass TimeoutError, as BudgetExceeded does: only the client
+    library's own classes may be mapped, or an idle timeout would become a 502."""
+    assert not isinstance(BudgetExceeded("idle", "x"), UPSTREAM_ERRORS)
+    assert isinstance(aiohttp.ConnectionTimeoutError("t"), UPSTREAM_ERRORS)
