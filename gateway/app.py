@@ -12,9 +12,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.errors import GatewayError, envelope
+from gateway.errors import GatewayError, InternalError, envelope
 from gateway.inflight import Inflight
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
@@ -27,7 +28,7 @@ SIMULATOR_PREFIX = "/sim-upstream"
 PROXIED_PATHS = ("chat/completions", "completions", "embeddings")
 
 
-def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
+def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
     """The gateway for `config`; `with_simulator` also serves the simulator (the demo)."""
     upstreams = {spec.name: Upstream(spec) for spec in config.upstreams}
     gateway = Gateway(
@@ -55,9 +56,9 @@ def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
         pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
         return JSONResponse({"inflight": gateway.inflight.snapshot(), "pools": pools})
 
+    proxied = {f"/v1/{path}": ProxyEndpoint(gateway, path) for path in PROXIED_PATHS}
     routes: list[BaseRoute] = [
-        Route(f"/v1/{path}", ProxyEndpoint(gateway, path), methods=["POST"])
-        for path in PROXIED_PATHS
+        Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()
     ]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
@@ -92,7 +93,25 @@ def create_app(config: Config, *, with_simulator: bool = False) -> Starlette:
         },
     )
     app.state.gateway = gateway
-    return app
+    return GatewayApp(app, proxied)
+
+
+class GatewayApp:
+    """The ASGI app: proxied calls go straight to their endpoint, so the hot path skips
+    Starlette's middleware and routing; everything else (lifespan, other paths, a proxied
+    path with the wrong method) goes to the Starlette app."""
+
+    def __init__(self, app: Starlette, proxied: dict[str, ProxyEndpoint]) -> None:
+        self.starlette = app
+        self._proxied = proxied
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self._proxied.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
 
 
 def _error_response(error: GatewayError) -> Response:
@@ -127,7 +146,4 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unexpected error serving %s", request.url.path, exc_info=exc)
-    body = envelope("Internal gateway error.", type="server_error", code="internal_error")
-    return Response(
-        body, status_code=500, headers={"x-should-retry": "false"}, media_type="application/json"
-    )
+    return _error_response(InternalError("Internal gateway error.", code="internal_error"))

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import uvicorn
-from starlette.applications import Starlette
 
-from gateway.app import SIMULATOR_PREFIX, create_app
+from gateway.app import SIMULATOR_PREFIX, GatewayApp, create_app
 from gateway.config import ConfigError, describe_config, load_config
 from gateway.demo import demo_config, demo_models
 from gateway.simulator import create_simulator_app
@@ -93,7 +92,7 @@ def _server_stack() -> tuple[str, str]:
     return loop, http
 
 
-def app_factory() -> Starlette:
+def app_factory() -> GatewayApp:
     """Build the app in a server process from what `serve` decided."""
     _configure_logging(os.environ.get(_LOG_LEVEL_ENV, "info"))  # worker processes start bare
     path = os.environ.get(_CONFIG_ENV)

@@ -1,6 +1,7 @@
 """The gateway's errors, each rendered as an OpenAI error envelope.
 
     GatewayError                      status, OpenAI type and code, retry hint
+     ├── InternalError                500 internal_error: a bug, never a traceback to the client
      ├── BadRequest                   400 invalid_json / invalid_request / invalid_deadline_header
      ├── AuthenticationFailed         401 invalid_api_key
      ├── ModelNotFound                404 model_not_found
@@ -49,6 +50,10 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return envelope(self.message, type=self.type, code=self.code, param=self.param)
+
+
+class InternalError(GatewayError):
+    status = 500
 
 
 class BadRequest(GatewayError):

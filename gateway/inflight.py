@@ -34,6 +34,14 @@ class Exchange:
     upstream_s: float | None = None  # request sent until upstream response headers
     ttft_s: float | None = None  # arrival until the first content event
     last_content_at: float | None = None
+    # The cancel scope the request is running in, if any: a disconnect cancels it.
+    scope: anyio.CancelScope | None = None
+
+    def abandon(self) -> None:
+        """The client went away: stop whatever the request is doing."""
+        self.disconnected = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     def server_timing(self) -> str:
         parts = [f"queue;dur={self.queue_s * 1000:.1f}"]

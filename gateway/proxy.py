@@ -7,6 +7,8 @@ the relay (`gateway.relay`) does the upstream exchange and answers every failure
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Mapping
@@ -25,6 +27,7 @@ from gateway.errors import (
     BadRequest,
     BudgetExceeded,
     GatewayError,
+    InternalError,
     RequestTooLarge,
 )
 from gateway.inflight import Exchange, Inflight, new_request_id
@@ -70,6 +73,24 @@ class ProxyEndpoint:
         headers = Headers(scope=scope)
         request_id = _request_id(headers)
         writer = ResponseWriter(send)
+        try:
+            await self._serve(arrival, headers, request_id, receive, writer)
+        except Exception:  # a bug: still one envelope, one access line, one traceback
+            log.exception("request_id=%s unexpected error", request_id)
+            _log_line(request_id, self.path, "-", 500, "internal_error", arrival)
+            if not writer.started:
+                error = InternalError("Internal gateway error.", code="internal_error")
+                with contextlib.suppress(ClientGone):
+                    await writer.error(error, {"x-request-id": request_id})
+
+    async def _serve(
+        self,
+        arrival: float,
+        headers: Headers,
+        request_id: str,
+        receive: Receive,
+        writer: ResponseWriter,
+    ) -> None:
         reply_headers = {"x-request-id": request_id}
         try:
             exchange, route, body, payload = await self._admit(
@@ -95,13 +116,14 @@ class ProxyEndpoint:
         )
         failure: GatewayError | None = None
         with self.gateway.inflight.track(exchange):
-            async with anyio.create_task_group() as group:
-                group.start_soon(_watch_disconnect, receive, exchange, group.cancel_scope)
-                try:
-                    failure = await relay.run()
-                except ClientGone:
-                    exchange.disconnected = True
-                group.cancel_scope.cancel()  # the response is done: stop watching
+            # A plain task, not a task group: this runs once per request, on the hot path.
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
+            try:
+                failure = await relay.run()
+            except ClientGone:
+                exchange.disconnected = True
+            finally:
+                watcher.cancel()  # the response is done: stop watching
         if exchange.disconnected:
             outcome, status = "client_disconnect", 499
         elif failure is not None:  # after the commit the client already has its 200
@@ -186,15 +208,14 @@ def _too_large(limit: int) -> RequestTooLarge:
     )
 
 
-async def _watch_disconnect(receive: Receive, exchange: Exchange, scope: anyio.CancelScope) -> None:
+async def _watch_disconnect(receive: Receive, exchange: Exchange) -> None:
     """Cancel the exchange when the client goes away, in any phase, streaming or not."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             # uvicorn reports a disconnect at once after the last message: that one is normal.
             if not exchange.finishing:
-                exchange.disconnected = True
-                scope.cancel()
+                exchange.abandon()
             return
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,14 +64,19 @@ class Relay:
         self.headers = headers  # sent on every response: X-Request-Id
 
     async def run(self) -> GatewayError | None:
-        """Serve the request; answer every failure; return it (None when all went well)."""
+        """Serve the request; answer every failure; return it (None when all went well, or
+        when the client went away and there is no one to answer)."""
         exchange = self.exchange
         failure: GatewayError | None = None
         with anyio.CancelScope(deadline=exchange.budget.deadline.at) as deadline_scope:
+            exchange.scope = deadline_scope
             try:
                 await self._attempts()
             except GatewayError as error:
                 failure = error
+        exchange.scope = None
+        if exchange.disconnected:
+            return None
         if deadline_scope.cancelled_caught:
             if exchange.phase == "queued":
                 failure = BudgetExceeded("pool", "Timed out waiting for an upstream connection.")
@@ -78,8 +84,10 @@ class Relay:
                 failure = BudgetExceeded("total", "The request's deadline passed.")
         exchange.phase = "done"
         if failure is not None:
-            with anyio.move_on_after(_GRACE_S):
+            with anyio.move_on_after(_GRACE_S) as grace:
+                exchange.scope = grace
                 await self._answer_failure(failure)
+            exchange.scope = None
         return failure
 
     async def _attempts(self) -> None:
@@ -113,7 +121,11 @@ class Relay:
         try:
             started = anyio.current_time()
             exchange.queue_s += started - queued_at
-            with anyio.CancelScope(deadline=started + exchange.budget.attempt_s) as scope:
+            attempt_end = started + exchange.budget.attempt_s
+            if attempt_end >= exchange.budget.deadline.at:  # the deadline comes first anyway
+                await self._exchange_with(upstream, target, started)
+                return
+            with anyio.CancelScope(deadline=attempt_end) as scope:
                 await self._exchange_with(upstream, target, started)
             if scope.cancelled_caught:
                 raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
@@ -133,22 +145,18 @@ class Relay:
         body = jsonbody.with_model(self.body, self.payload, target.model)
         response: aiohttp.ClientResponse | None = None
         try:
-            # Streaming: the first token is due `ttft_s` after the attempt starts, whatever
-            # holds it up (connect, headers, keep-alives). Not streaming: the whole answer is
-            # the token, bounded by the attempt and the deadline.
-            first_due = started + budget.ttft_s if exchange.stream else float("inf")
-            with anyio.CancelScope(deadline=first_due) as first_scope:
-                exchange.phase = "connecting"
-                response = await upstream.send(self.path, body, headers)
-                exchange.upstream_s = anyio.current_time() - started
-                exchange.phase = "waiting_first_token"
-                if response.status >= 400:
-                    raise UpstreamStatus(
-                        response.status, await _read_limited(response), response.headers
-                    )
-                if not exchange.stream:
-                    await self._relay_whole(response)
-                    return
+            exchange.phase = "connecting"
+            if not exchange.stream:  # the whole answer is the token: the attempt bounds it
+                response = await self._send(upstream, body, headers, started)
+                await self._relay_whole(response)
+                return
+            # The first token is due `ttft_s` after the attempt starts, whatever holds it up
+            # (connect, headers, keep-alives); no scope needed if the deadline comes first.
+            first_due = started + budget.ttft_s
+            with anyio.CancelScope(
+                deadline=first_due if first_due < attempt_end else math.inf
+            ) as first_scope:
+                response = await self._send(upstream, body, headers, started)
                 events = _ContentEvents(response)
                 first = await events.next_batch()
             if first_scope.cancelled_caught:
@@ -164,6 +172,22 @@ class Relay:
         finally:
             if response is not None:
                 upstream.close(response)
+
+    async def _send(
+        self, upstream: Upstream, body: bytes, headers: dict[str, str], started: float
+    ) -> aiohttp.ClientResponse:
+        """Send the attempt; its response once the headers are in, or its error status."""
+        exchange = self.exchange
+        response = await upstream.send(self.path, body, headers)
+        exchange.upstream_s = anyio.current_time() - started
+        exchange.phase = "waiting_first_token"
+        if response.status >= 400:
+            try:
+                error_body = await _read_limited(response)
+            finally:
+                upstream.close(response)
+            raise UpstreamStatus(response.status, error_body, response.headers)
+        return response
 
     async def _relay_whole(self, response: aiohttp.ClientResponse) -> None:
         exchange = self.exchange

@@ -16,9 +16,11 @@ class ClientGone(Exception):
 class ResponseWriter:
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.started = False  # the status line went out: errors can only be SSE events now
 
     async def start(self, status: int, headers: Mapping[str, str]) -> None:
         raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        self.started = True
         await self._emit({"type": "http.response.start", "status": status, "headers": raw})
 
     async def body(self, chunk: bytes, *, more: bool = True) -> None:

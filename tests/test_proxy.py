@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -10,6 +11,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from gateway.relay import Relay
 from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, one_route, raw_http, sdk
 
 pytestmark = pytest.mark.anyio
@@ -282,3 +284,23 @@ def test_streams_report_every_phase_in_server_timing(gateway: GatewayFactory) ->
     for phase in ("queue", "upstream", "ttft", "total"):
         assert f"{phase};dur=" in timing
     assert response.text.rstrip().endswith("data: [DONE]")
+
+
+def test_a_bug_is_a_500_envelope_with_an_access_line(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No bug can be made real from outside, so one is planted: the client still gets the
+    OpenAI envelope and the request is still logged."""
+    server = gateway(one_route())
+
+    async def broken(self: Relay) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(Relay, "run", broken)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert_error(response, 500, "internal_error")
+    assert "planted" not in response.text
+    assert response.headers["x-request-id"]
+    access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert any("status=500 outcome=internal_error" in line for line in access), access
