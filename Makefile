@@ -27,3 +27,12 @@ check: lint test
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The benchmark suite (bench/README.md): the full run takes minutes on an idle machine;
+# bench-smoke is the same code with tiny counts (under a minute), as the tests run it.
+.PHONY: bench bench-smoke
+bench: $(STAMP)
+	$(PY) -m bench.suite $(ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench.suite --smoke $(ARGS)

@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m bench.http_clients`, `python -m bench.overhead` (see README.md)."""
+"""Benchmarks: `python -m bench.suite`, `python -m bench.http_clients` (see README.md)."""

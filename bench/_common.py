@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: subprocess servers, a closed-loop load runner, statistics, tables.
+"""Shared by the benchmarks: subprocess servers, /proc readings, a closed-loop load runner,
+statistics, tables.
 
 Everything binds to 127.0.0.1 only. Servers are child processes (so they do not share the
 client's event loop or GIL) and are always stopped: terminate, then kill after a timeout.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import http.client
 import math
 import os
 import shutil
@@ -23,12 +24,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
-
-import httpx2
-
-if TYPE_CHECKING:
-    import httpx
+from typing import Any
+from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
@@ -86,12 +83,17 @@ def cli_command() -> list[str]:
 
 @dataclass
 class Server:
-    """A running child server: its name (for messages), base URL and log file."""
+    """A running child server: its name (for messages), base URL, command and log file."""
 
     name: str
     url: str
+    command: list[str]
     process: subprocess.Popen[bytes]
     log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -101,67 +103,112 @@ class Server:
         tail = text.strip().splitlines()[-lines:]
         return "\n".join(f"    | {line}" for line in tail) or "    | (empty log)"
 
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"the {self.name} exited during the run (code {self.process.returncode}); "
+                f"its log:\n{self.log_tail()}"
+            )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start a server and how to know it is ready: GET `url` + `ready_path` is 200."""
+
+    name: str
+    command: list[str]
+    url: str
+    ready_path: str
+
+
+def gateway_command(*args: str) -> list[str]:
+    """`llm-gateway <args>`."""
+    return [*cli_command(), *args]
+
 
 @contextmanager
-def run_server(name: str, args: Sequence[str], port: int, ready_path: str) -> Iterator[Server]:
-    """Start `llm-gateway <args>` and yield once GET `ready_path` answers 200; always stop it.
-
-    Output goes to a temporary log file, shown if the server dies or never gets ready.
-    """
-    command = [*cli_command(), *args]
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        log_path = Path(tmp) / "server.log"
-        with log_path.open("wb") as log:
+def run_servers(specs: Sequence[ServerSpec]) -> Iterator[list[Server]]:
+    """Start every server at once, yield when all answer their ready path, always stop them
+    all (terminate, then kill after STOP_TIMEOUT_S). Output goes to a temporary log file per
+    server, shown if one dies or never gets ready."""
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="bench-servers-") as tmp:
+        try:
+            for i, spec in enumerate(specs):
+                log_path = Path(tmp) / f"{i}-{spec.name.replace(' ', '-')}.log"
+                with log_path.open("wb") as log:
+                    try:
+                        process = subprocess.Popen(
+                            spec.command,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                        )
+                    except OSError as exc:
+                        raise BenchError(
+                            f"cannot start the {spec.name} ({' '.join(spec.command)}): {exc}"
+                        ) from exc
+                servers.append(Server(spec.name, spec.url, spec.command, process, log_path))
+            for spec, server in zip(specs, servers, strict=True):
+                _wait_ready(server, spec.ready_path)
             try:
-                process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-                )
-            except OSError as exc:
-                raise BenchError(f"cannot start the {name} ({' '.join(command)}): {exc}") from exc
-            server = Server(
-                name=name, url=f"http://{HOST}:{port}", process=process, log_path=log_path
-            )
-            try:
-                _wait_ready(server, ready_path, command)
-                try:
-                    yield server
-                except Exception as exc:
-                    if process.poll() is None:
-                        raise
-                    raise BenchError(
-                        f"{describe_error(exc)}: the {name} had exited during the run "
-                        f"(code {process.returncode}); its log:\n{server.log_tail()}"
-                    ) from exc
-                if process.poll() is not None:
-                    raise BenchError(
-                        f"the {name} exited during the run (code {process.returncode}); "
-                        f"its log:\n{server.log_tail()}"
-                    )
-            finally:
-                stop_process(process)
+                yield servers
+            except Exception as exc:
+                dead = [s for s in servers if s.process.poll() is not None]
+                if not dead:
+                    raise
+                s = dead[0]
+                raise BenchError(
+                    f"{describe_error(exc)}: the {s.name} had exited during the run "
+                    f"(code {s.process.returncode}); its log:\n{s.log_tail()}"
+                ) from exc
+            for server in servers:
+                server.check_alive()
+        finally:
+            for server in servers:
+                stop_process(server.process)
 
 
-def _wait_ready(server: Server, path: str, command: Sequence[str]) -> None:
+@contextmanager
+def run_server(spec: ServerSpec) -> Iterator[Server]:
+    """One server, as `run_servers`."""
+    with run_servers([spec]) as servers:
+        yield servers[0]
+
+
+def http_status(url: str, timeout: float = 1.0) -> int:
+    """The status of a plain GET (raises OSError or http.client.HTTPException)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or HOST, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", parts.path or "/")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def _wait_ready(server: Server, path: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last_error = "no answer yet"
-    with httpx2.Client(trust_env=False, timeout=1.0) as client:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise BenchError(
-                    f"the {server.name} exited at start-up (code {server.process.returncode}): "
-                    f"{' '.join(command)}\n{server.log_tail()}"
-                )
-            try:
-                response = client.get(server.url + path)
-                if response.status_code == 200:
-                    return
-                last_error = f"HTTP {response.status_code}"
-            except httpx2.TransportError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.05)
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(
+                f"the {server.name} exited at start-up (code {server.process.returncode}): "
+                f"{' '.join(server.command)}\n{server.log_tail()}"
+            )
+        try:
+            status = http_status(server.url + path)
+            if status == 200:
+                return
+            last_error = f"HTTP {status}"
+        except (OSError, http.client.HTTPException) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.05)
     raise BenchError(
         f"the {server.name} did not answer GET {path} within {READY_TIMEOUT_S:.0f} s "
-        f"({last_error}): {' '.join(command)}\n{server.log_tail()}"
+        f"({last_error}): {' '.join(server.command)}\n{server.log_tail()}"
     )
 
 
@@ -175,6 +222,81 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(STOP_TIMEOUT_S)
+
+
+async def stop_async(process: asyncio.subprocess.Process) -> None:
+    """`stop_process` for an asyncio child (wrk, a background load generator)."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+
+
+# --- a process's resources, from /proc ------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 onwards."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(_stat_fields(int(entry))[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its live descendants (/proc/<pid>/stat)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat_fields(member)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of one process (/proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS in /proc/{pid}/status")
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of one process (/proc/<pid>/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit(pid: int) -> int:
+    """The soft open-files limit of a process (/proc/<pid>/limits)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            value = line.split()[3]
+            return 1 << 62 if value == "unlimited" else int(value)
+    raise BenchError(f"no open-files limit in /proc/{pid}/limits")
 
 
 # --- load --------------------------------------------------------------------------------
@@ -223,59 +345,6 @@ async def run_round(requests: int, concurrency: int, one: Callable[[], Awaitable
         for _ in range(min(concurrency, requests)):
             group.create_task(worker())
     return Round(elapsed_s=time.perf_counter() - start, samples=samples)
-
-
-# Either client library: they share one API (httpx2 is the one the gateway uses).
-AnyClient: TypeAlias = "httpx.AsyncClient | httpx2.AsyncClient"
-JSON_HEADERS = {"content-type": "application/json"}
-_DONE = b"data: [DONE]\n\n"
-
-
-def pooled_client(concurrency: int) -> httpx2.AsyncClient:
-    """One pool of `concurrency` connections, all kept alive (as the gateway configures it)."""
-    return httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        timeout=httpx2.Timeout(REQUEST_TIMEOUT_S),
-        trust_env=False,
-    )
-
-
-def chat_body(model: str, *, stream: bool) -> bytes:
-    """A small chat completion request, encoded once (the gateway also sends bytes)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "bench"}], "stream": stream}
-    return json.dumps(body).encode()
-
-
-async def post_whole(client: AnyClient, url: str, body: bytes) -> Sample:
-    """A non-streaming POST, the whole body read; latency from send to the last byte."""
-    start = time.perf_counter()
-    response = await client.post(url, content=body, headers=JSON_HEADERS)
-    latency = time.perf_counter() - start
-    if response.status_code != 200:
-        raise BenchError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
-    return Sample(latency_s=latency, ttfb_s=latency, chunks=1, nbytes=len(response.content))
-
-
-async def post_stream(client: AnyClient, url: str, body: bytes) -> Sample:
-    """A streaming POST read with `aiter_bytes()`; checks the stream ends with `[DONE]`."""
-    start = time.perf_counter()
-    ttfb = 0.0
-    chunks = nbytes = 0
-    tail = b""
-    async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as response:
-        if response.status_code != 200:
-            await response.aread()
-            raise BenchError(f"POST {url}: HTTP {response.status_code}: {response.text[:300]}")
-        async for chunk in response.aiter_bytes():
-            if not chunks:
-                ttfb = time.perf_counter() - start
-            chunks += 1
-            nbytes += len(chunk)
-            tail = (tail + chunk)[-len(_DONE) :]
-    latency = time.perf_counter() - start
-    if tail != _DONE:
-        raise BenchError(f"POST {url}: the stream ended without data: [DONE] ({nbytes} bytes)")
-    return Sample(latency_s=latency, ttfb_s=ttfb, chunks=chunks, nbytes=nbytes)
 
 
 def describe_error(exc: BaseException) -> str:

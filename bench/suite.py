@@ -1,0 +1,1302 @@
+"""The gateway's performance against a direct connection and nginx, in one run.
+
+    python -m bench.suite [--smoke] [--json FILE]
+
+Child processes, all on 127.0.0.1: `bench.fast_upstream` (the upstream; its own req/s is
+measured and must be far above the gateway's), nginx proxying to it (the reference "proxy
+doing almost nothing"), and the gateway (`llm-gateway serve`, `--workers 1` and `--workers
+2`). Load comes from wrk (closed loop, max throughput) and from `bench.loadgen` (open loop,
+paced, latency counted from each request's scheduled time). Sections:
+
+    throughput   wrk req/s at concurrency 1, 16, 64: direct, nginx, gateway w1, w2;
+                 gateway CPU per request (/proc utime+stime of its process tree) at c=16
+    latency      paced 100, 500, 1000 req/s: p50/p99 direct, added by nginx and gateway w1
+    streaming    50 events 1 ms apart: added TTFT and total (paced), CPU per relayed event
+                 (wrk c=16)
+    deadline     bench-hang (total_s 0.5) paced while healthy requests run: lateness
+    stalls       1,000 / 5,000 / 10,000 streams stalled at once in a fresh gateway w1: RSS and
+                 file descriptors per stream, lateness past idle_s, healthy requests' p99
+
+Then the issue's targets, met or not. Targets are reported, never asserted: the exit code is 0
+unless the harness breaks (a server that does not start, a wrong answer such as a non-200 for
+`bench` or a stream without [DONE]): then 1, after printing and writing what was measured;
+130 on Ctrl-C or SIGTERM. `--smoke` runs the same code with tiny counts (well under a minute)
+so that CI keeps the harness working; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+import yaml
+
+from bench._common import (
+    HOST,
+    BenchError,
+    Server,
+    ServerSpec,
+    cpu_seconds,
+    describe_error,
+    exit_on_sigterm,
+    fd_limit,
+    free_port,
+    gateway_command,
+    machine,
+    open_fds,
+    out,
+    progress,
+    rss_bytes,
+    run_servers,
+    stop_async,
+    table,
+)
+from bench.loadgen import (
+    Result,
+    Target,
+    chat_body,
+    closed_loop,
+    ms_stats,
+    open_stream,
+    paced,
+    summary,
+)
+
+# What the upstream does, by model name (see bench/fast_upstream.py), and the gateway's routes.
+STREAM_EVENTS, STREAM_GAP_MS = 50, 1
+FAST, STREAM = "fast", f"stream-{STREAM_EVENTS}x{STREAM_GAP_MS}ms"
+STALL, HANG = "stall-1000ms", "hang"
+IDLE_S, TTFT_S, STALL_TOTAL_S = 2.0, 5.0, 60.0
+HANG_TOTAL_S, MARGIN_S = 0.5, 0.05  # the gateway answers 504 at total_s - margin_s
+ROUTES: dict[str, tuple[str, dict[str, float] | None]] = {
+    "bench": (FAST, None),
+    "bench-stream": (STREAM, None),
+    "bench-stall": (STALL, {"idle_s": IDLE_S, "ttft_s": TTFT_S, "total_s": STALL_TOTAL_S}),
+    "bench-hang": (HANG, {"total_s": HANG_TOTAL_S}),
+}
+CPU_CONCURRENCY = 16
+STALL_TARGET = 10_000
+STALL_WINDOW = 1000  # streams opened but not yet at the upstream (the gateway's backlog: 2048)
+RELEASE_AFTER_S = TTFT_S - 1.5  # release held stalls before the first ones hit ttft_s
+RAMP_LIMIT_S = 60.0  # opening the streams stops here, whatever is left
+FD_RESERVE = 300  # descriptors kept free in the gateway beside the stalled streams' two each
+WANTED_NOFILE = 200_000
+
+
+@dataclass(frozen=True)
+class Params:
+    smoke: bool
+    wrk_s: int  # one wrk run (wrk's unit is whole seconds)
+    rounds: int  # wrk runs per (target, concurrency), interleaved
+    concurrencies: tuple[int, ...]
+    rates: tuple[float, ...]  # paced non-streaming
+    paced_s: float  # one paced run
+    stream_rate: float
+    healthy_rate: float  # the healthy load beside hangs and stalls
+    healthy_s: float  # the healthy load's baseline run, and the deadline run
+    hang_rate: float
+    stall_sizes: tuple[int, ...]
+    warmup: int  # closed-loop requests per target before measuring
+
+
+FULL = Params(
+    smoke=False,
+    wrk_s=3,
+    rounds=3,
+    concurrencies=(1, 16, 64),
+    rates=(100, 500, 1000),
+    paced_s=10.0,
+    stream_rate=50,
+    healthy_rate=200,
+    healthy_s=10.0,
+    hang_rate=10,
+    stall_sizes=(1000, 5000, STALL_TARGET),
+    warmup=500,
+)
+SMOKE = Params(
+    smoke=True,
+    wrk_s=1,
+    rounds=1,
+    concurrencies=(1, 16, 64),
+    rates=(20, 50),
+    paced_s=1.0,
+    stream_rate=20,
+    healthy_rate=20,
+    healthy_s=1.5,
+    hang_rate=5,
+    stall_sizes=(50,),
+    warmup=50,
+)
+
+
+@dataclass(frozen=True)
+class Via:
+    """A way to the upstream: direct, nginx, or a gateway (whose process tree is `pid`)."""
+
+    name: str
+    url: str  # .../v1/chat/completions
+    fast_model: str
+    stream_model: str
+    pid: int | None = None
+
+    def body(self, stream: bool) -> bytes:
+        return chat_body(self.stream_model if stream else self.fast_model, stream=stream)
+
+
+@dataclass
+class Run:
+    """Everything one run gathers; `problems` are wrong answers (the exit code is then 1)."""
+
+    params: Params
+    data: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str) -> None:
+        progress(f"  PROBLEM: {text}")
+        self.problems.append(text)
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """The path of wrk or nginx (nginx is in /usr/sbin, often not on a user's PATH)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+    if path is None:
+        package = "nginx-light (or nginx)" if name == "nginx" else name
+        raise BenchError(f"{name} is not installed (Debian/Ubuntu: apt-get install {package})")
+    return path
+
+
+def require_tools() -> dict[str, str]:
+    """wrk and nginx, with their versions; a clear error if either is missing."""
+    versions = {}
+    for name in ("wrk", "nginx"):
+        done = subprocess.run([tool(name), "-v"], capture_output=True, text=True, timeout=10)
+        text = (done.stdout + done.stderr).strip().splitlines()
+        versions[name] = text[0] if text else "?"
+    return versions
+
+
+def raise_fd_limit() -> dict[str, Any]:
+    """Raise this process's open-files limit (children inherit it): the hard limit too if
+    allowed (root with CAP_SYS_RESOURCE), else the soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    note = ""
+    if hard != resource.RLIM_INFINITY and hard < WANTED_NOFILE:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (WANTED_NOFILE, WANTED_NOFILE))
+        except (ValueError, OSError) as exc:
+            note = f"cannot raise the hard limit {hard} to {WANTED_NOFILE}: {exc}"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": soft, "hard": hard, "note": note}
+
+
+def gateway_config(upstream_url: str) -> dict[str, Any]:
+    routes = []
+    for model, (target, budget) in ROUTES.items():
+        route: dict[str, Any] = {"model": model, "targets": [{"upstream": "fast", "model": target}]}
+        if budget is not None:
+            route["budget"] = budget
+        routes.append(route)
+    upstream = {
+        "name": "fast",
+        "base_url": f"{upstream_url}/v1",
+        "max_connections": 20000,
+        "max_pending": 20000,
+    }
+    return {"upstreams": [upstream], "routes": routes}
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    upstream fast {{
+        server {host}:{upstream_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fast;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    upstream_port: int = 0
+
+    @property
+    def upstream_url(self) -> str:
+        return f"http://{HOST}:{self.upstream_port}"
+
+    def upstream(self) -> ServerSpec:
+        self.upstream_port = free_port()
+        command = [sys.executable, "-m", "bench.fast_upstream", "--port", str(self.upstream_port)]
+        return ServerSpec("fast upstream", command, self.upstream_url, "/healthz")
+
+    def nginx(self) -> ServerSpec:
+        port = free_port()
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(tmp=self.tmp, host=HOST, port=port, upstream_port=self.upstream_port)
+        )
+        command = [
+            tool("nginx"),
+            "-e",
+            str(self.tmp / "error.log"),
+            "-p",
+            str(self.tmp),
+            "-c",
+            str(conf),
+        ]
+        return ServerSpec("nginx", command, f"http://{HOST}:{port}", "/healthz")
+
+    def gateway(self, workers: int) -> ServerSpec:
+        config = self.tmp / "gateway.yaml"
+        config.write_text(yaml.safe_dump(gateway_config(self.upstream_url), sort_keys=False))
+        port = free_port()
+        command = gateway_command(
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        )
+        return ServerSpec(f"gateway w{workers}", command, f"http://{HOST}:{port}", "/readyz")
+
+
+def via_direct(upstream: Server) -> Via:
+    return Via("direct", f"{upstream.url}/v1/chat/completions", FAST, STREAM)
+
+
+def via_proxy(server: Server, gateway: bool) -> Via:
+    url = f"{server.url}/v1/chat/completions"
+    if gateway:
+        return Via(server.name, url, "bench", "bench-stream", server.pid)
+    return Via(server.name, url, FAST, STREAM)
+
+
+# --- checks and warm-up --------------------------------------------------------------------
+
+
+def check_answer(result: Result, *, stream: bool) -> str:
+    """Why a normal answer is wrong ('' when it is right)."""
+    if result.failure:
+        return result.failure
+    if result.status != 200:
+        return f"HTTP {result.status}: {result.body[:200]!r}"
+    if not stream:
+        return (
+            ""
+            if b'"chat.completion"' in result.body
+            else f"not a chat.completion: {result.body[:200]!r}"
+        )
+    if not result.done_seen:
+        return f"stream without data: [DONE] ({result.events} events, error {result.error_event!r})"
+    if result.events != STREAM_EVENTS + 1:  # the content events and the finish_reason chunk
+        return f"{result.events} data events, not {STREAM_EVENTS} and the finish chunk"
+    return ""
+
+
+def tally(run: Run, what: str, results: list[Result], *, stream: bool) -> None:
+    """Count wrong answers among `results` as problems (one line per kind)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        why = check_answer(result, stream=stream)
+        if why:
+            counts[why[:120]] = counts.get(why[:120], 0) + 1
+    for why, n in counts.items():
+        run.problem(f"{what}: {n} of {len(results)} answers wrong: {why}")
+
+
+async def warm_up(run: Run, vias: list[Via], targets: dict[str, Target]) -> None:
+    """Check one answer of each kind per path (a wrong one stops the run), then warm up."""
+    for via in vias:
+        target = targets[via.name]
+        for stream in (False, True):
+            results = await closed_loop(
+                target, target.request(via.body(stream)), count=1, concurrency=1, stream=stream
+            )
+            why = check_answer(results[0], stream=stream)
+            if why:
+                kind = "streaming" if stream else "non-streaming"
+                raise BenchError(f"{via.name}: a {kind} request got a wrong answer: {why}")
+        request = target.request(via.body(False))
+        results = await closed_loop(target, request, count=run.params.warmup, concurrency=16)
+        tally(run, f"warm-up via {via.name}", results, stream=False)
+
+
+# --- wrk ---------------------------------------------------------------------------------
+
+WRK_LUA = """\
+wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"bytes\\": %d, "
+    .. "\\"connect\\": %d, \\"read\\": %d, \\"write\\": %d, \\"status\\": %d, "
+    .. "\\"timeout\\": %d, \\"p50_us\\": %.1f, \\"p99_us\\": %.1f, \\"max_us\\": %.1f}}\\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    cpu_s: float | None  # the gateway's CPU during the run, if measured
+
+
+async def run_wrk(
+    run: Run, tmp: Path, via: Via, *, stream: bool, concurrency: int, cpu: bool
+) -> WrkResult:
+    """One wrk run (1 thread, `concurrency` connections), the gateway's CPU around it."""
+    script = tmp / f"wrk-{via.name.replace(' ', '-')}-{'stream' if stream else 'whole'}.lua"
+    if not script.exists():
+        script.write_text(WRK_LUA.format(body=via.body(stream).decode()))
+    seconds = run.params.wrk_s
+    command = [
+        tool("wrk"),
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        via.url,
+    ]
+    cpu_before = cpu_seconds(via.pid) if cpu and via.pid else None
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), seconds + 30)
+    finally:
+        await stop_async(process)
+    cpu_used = cpu_seconds(via.pid) - cpu_before if cpu_before is not None and via.pid else None
+    lines = [line for line in stdout.decode().splitlines() if line.startswith("WRK_JSON ")]
+    if process.returncode != 0 or not lines:
+        raise BenchError(
+            f"wrk failed (code {process.returncode}): {' '.join(command)}\n"
+            f"{stdout.decode()[-500:]}{stderr.decode()[-500:]}"
+        )
+    raw = json.loads(lines[-1][len("WRK_JSON ") :])
+    errors = {k: int(raw[k]) for k in ("connect", "read", "write", "status", "timeout") if raw[k]}
+    if errors:
+        run.problem(f"wrk via {via.name}, c={concurrency}, stream={stream}: errors {errors}")
+    return WrkResult(
+        requests=int(raw["requests"]),
+        rps=raw["requests"] / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        errors=errors,
+        cpu_s=cpu_used,
+    )
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+async def throughput(run: Run, tmp: Path, vias: list[Via]) -> None:
+    """wrk at each concurrency through each path; rounds interleaved, the order rotating."""
+    p = run.params
+    rounds: dict[str, dict[int, list[WrkResult]]] = {
+        v.name: {c: [] for c in p.concurrencies} for v in vias
+    }
+    for i in range(p.rounds):
+        for j, concurrency in enumerate(p.concurrencies):
+            shift = (i + j) % len(vias)
+            for via in vias[shift:] + vias[:shift]:
+                result = await run_wrk(
+                    run,
+                    tmp,
+                    via,
+                    stream=False,
+                    concurrency=concurrency,
+                    cpu=concurrency == CPU_CONCURRENCY,
+                )
+                rounds[via.name][concurrency].append(result)
+        progress(f"  throughput: round {i + 1}/{p.rounds} done")
+    section: dict[str, Any] = {"wrk_s": p.wrk_s, "rounds": p.rounds, "paths": {}, "cpu": {}}
+    direct = rounds["direct"]
+    for via in vias:
+        per_c = {}
+        for c, results in rounds[via.name].items():
+            rps = median([r.rps for r in results])
+            per_c[str(c)] = {
+                "rps": rps,
+                "x_direct": rps / median([r.rps for r in direct[c]]),
+                "p50_ms": median([r.p50_ms for r in results]),
+                "p99_ms": median([r.p99_ms for r in results]),
+                "rounds": [dataclasses.asdict(r) for r in results],
+            }
+        section["paths"][via.name] = per_c
+        if via.pid is not None and CPU_CONCURRENCY in rounds[via.name]:
+            results = rounds[via.name][CPU_CONCURRENCY]
+            section["cpu"][via.name] = {
+                "concurrency": CPU_CONCURRENCY,
+                "us_per_request": median(
+                    [1e6 * (r.cpu_s or 0.0) / r.requests for r in results if r.requests]
+                ),
+            }
+    best = {name: max(c["rps"] for c in per_c.values()) for name, per_c in section["paths"].items()}
+    gateway_best = max(v for k, v in best.items() if k.startswith("gateway"))
+    section["upstream_check"] = {
+        "direct_max_rps": best["direct"],
+        "gateway_max_rps": gateway_best,
+        "headroom": best["direct"] / gateway_best,
+    }
+    run.data["throughput"] = section
+
+
+# --- paced latency -----------------------------------------------------------------------
+
+
+def _stream_stats(results: list[Result], value: Callable[[Result], float]) -> dict[str, float]:
+    return ms_stats(value(r) for r in results if not check_answer(r, stream=True))
+
+
+async def latency(run: Run, vias: list[Via], targets: dict[str, Target]) -> None:
+    """Paced non-streaming runs at each rate; added = path minus direct, same rate."""
+    p = run.params
+    section: dict[str, Any] = {"paced_s": p.paced_s, "rates": {}}
+    for k, rate in enumerate(p.rates):
+        per_via: dict[str, Any] = {}
+        shift = k % len(vias)
+        for via in vias[shift:] + vias[:shift]:
+            target = targets[via.name]
+            request = target.request(via.body(False))
+            await paced(target, request, rate=rate, count=max(5, int(rate * 0.2)))  # warm-up
+            results = await paced(target, request, rate=rate, count=int(rate * p.paced_s))
+            tally(run, f"paced {rate:g}/s via {via.name}", results, stream=False)
+            per_via[via.name] = summary(results, rate=rate)
+        direct = per_via["direct"]["latency"]
+        for name, s in per_via.items():
+            if name != "direct" and s["latency"] and direct:
+                s["added"] = {
+                    "p50_ms": s["latency"]["p50_ms"] - direct["p50_ms"],
+                    "p99_ms": s["latency"]["p99_ms"] - direct["p99_ms"],
+                }
+        section["rates"][f"{rate:g}"] = per_via
+        progress(f"  latency: {rate:g} req/s done")
+    run.data["latency"] = section
+
+
+async def streaming(
+    run: Run, tmp: Path, vias: list[Via], targets: dict[str, Target], gateway: Via
+) -> None:
+    """Paced streams: TTFT (first `data:` event) and total; wrk c=16 for CPU per event."""
+    p = run.params
+    section: dict[str, Any] = {
+        "events": STREAM_EVENTS,
+        "gap_ms": STREAM_GAP_MS,
+        "rate": p.stream_rate,
+        "paced_s": p.paced_s,
+        "paths": {},
+    }
+    for via in vias:
+        target = targets[via.name]
+        request = target.request(via.body(True))
+        results = await paced(
+            target,
+            request,
+            rate=p.stream_rate,
+            count=max(2, int(p.stream_rate * p.paced_s)),
+            stream=True,
+        )
+        tally(run, f"paced streams via {via.name}", results, stream=True)
+        section["paths"][via.name] = {
+            "streams": len(results),
+            "ttft": _stream_stats(results, lambda r: r.ttft),
+            "total": _stream_stats(results, lambda r: r.latency),
+        }
+    direct = section["paths"]["direct"]
+    for name, s in section["paths"].items():
+        if name != "direct" and s["ttft"] and direct["ttft"]:
+            s["added"] = {
+                f"{what}_{q}_ms": s[what][f"{q}_ms"] - direct[what][f"{q}_ms"]
+                for what in ("ttft", "total")
+                for q in ("p50", "p99")
+            }
+    wrk: dict[str, Any] = {}
+    for via in vias:
+        result = await run_wrk(
+            run, tmp, via, stream=True, concurrency=CPU_CONCURRENCY, cpu=via is gateway
+        )
+        wrk[via.name] = {
+            "streams_per_s": result.rps,
+            "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms,
+        }
+        if via is gateway and result.cpu_s is not None and result.requests:
+            section["cpu"] = {
+                "path": via.name,
+                "concurrency": CPU_CONCURRENCY,
+                "us_per_event": 1e6 * result.cpu_s / (result.requests * STREAM_EVENTS),
+                "us_per_stream": 1e6 * result.cpu_s / result.requests,
+            }
+    section["wrk"] = wrk
+    progress("  streaming: done")
+    run.data["streaming"] = section
+
+
+# --- background healthy load -------------------------------------------------------------
+
+
+@dataclass
+class Background:
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def background_load(
+    url: str, model: str, rate: float, max_s: float
+) -> AsyncIterator[Background]:
+    """`bench.loadgen` in its own process, paced; measuring from its READY until the block
+    ends (its stdin is then closed), at most `max_s`. Always stopped."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        url,
+        "--model",
+        model,
+        "--rate",
+        str(rate),
+        "--duration",
+        str(max_s),
+        "--until-stdin-closes",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    background = Background()
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        if line.strip() != b"READY":
+            raise BenchError(f"the background load did not start: {' '.join(command)}")
+        yield background
+        process.stdin.close()
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        if not line:
+            raise BenchError(f"the background load died: {' '.join(command)}")
+        background.summary = json.loads(line)
+    finally:
+        await stop_async(process)
+
+
+def healthy_problems(run: Run, what: str, s: dict[str, Any]) -> None:
+    for why, n in s.get("failures", {}).items():
+        run.problem(f"{what}: {n} of {s['requests']} healthy requests failed: {why}")
+
+
+async def deadline(run: Run, gateway: Via) -> None:
+    """bench-hang (total_s 0.5) paced while healthy requests run on the same gateway."""
+    p = run.params
+    target = Target(gateway.url)
+    request = target.request(chat_body("bench-hang"))
+    try:
+        async with background_load(gateway.url, "bench", p.healthy_rate, p.healthy_s + 30) as bg:
+            results = await paced(
+                target, request, rate=p.hang_rate, count=max(3, int(p.hang_rate * p.healthy_s))
+            )
+    finally:
+        target.close()
+    healthy_problems(run, "healthy requests beside hangs", bg.summary)
+    wrong = [r for r in results if r.status != 504 or b"deadline_exceeded" not in r.body]
+    if wrong:
+        r = wrong[0]
+        run.problem(
+            f"bench-hang: {len(wrong)} of {len(results)} answers were not 504 "
+            f"deadline_exceeded, e.g. {r.failure or r.status} {r.body[:200]!r}"
+        )
+    wrong_ids = {id(r) for r in wrong}
+    ok = [r for r in results if id(r) not in wrong_ids]
+    expected = HANG_TOTAL_S - MARGIN_S
+    run.data["deadline"] = {
+        "total_s": HANG_TOTAL_S,
+        "margin_s": MARGIN_S,
+        "hangs": len(results),
+        "hang_rate": p.hang_rate,
+        "healthy_rate": p.healthy_rate,
+        "late_vs_deadline": ms_stats(r.latency - expected for r in ok),
+        "late_vs_budget": ms_stats(r.latency - HANG_TOTAL_S for r in ok),
+        "response": ms_stats(r.latency for r in ok),
+        "healthy": bg.summary,
+    }
+    progress("  deadline: done")
+
+
+# --- stalled streams -----------------------------------------------------------------------
+
+
+async def control(upstream: Target, path: str) -> dict[str, Any]:
+    results = await closed_loop(upstream, upstream.request(None, path), count=1, concurrency=1)
+    result = results[0]
+    if result.failure or result.status != 200:
+        raise BenchError(f"upstream {path}: {result.failure or result.status}")
+    data: dict[str, Any] = json.loads(result.body)
+    return data
+
+
+def stall_cap(gateway_pid: int, requested: int) -> tuple[int, str]:
+    """How many stalled streams fit: each holds two descriptors in the gateway (client and
+    upstream socket) and one in this process and in the upstream."""
+    limit = min(fd_limit(gateway_pid), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    cap = (limit - open_fds(gateway_pid) - FD_RESERVE) // 2
+    if requested <= cap:
+        return requested, ""
+    cap = cap // 100 * 100 if cap >= 1000 else cap
+    return cap, (
+        f"{requested:,} stalled streams cannot be reached: the gateway's open-file limit is "
+        f"{limit} (raising it needs CAP_SYS_RESOURCE) and each stalled stream holds 2 "
+        f"descriptors there (client and upstream socket); ran {cap:,} instead"
+    )
+
+
+@dataclass
+class Peak:
+    live: int = 0  # streams that had their content event and had not ended
+    rss: int = 0
+    fds: int = 0
+    at_s: float = 0.0
+
+
+async def sample_peak(
+    pid: int, results: list[Result], n: int, start: float, end: asyncio.Event, peak: Peak
+) -> None:
+    """Sample the gateway's RSS and descriptors whenever more streams are live than at the
+    last sample (in a thread: listing 20,000 descriptors takes a while), until all n are."""
+    while not end.is_set():
+        live = sum(1 for r in results if r.first_event and not r.done)
+        if live > peak.live:
+            rss, fds = await asyncio.to_thread(lambda: (rss_bytes(pid), open_fds(pid)))
+            peak.live, peak.rss, peak.fds, peak.at_s = live, rss, fds, time.monotonic() - start
+            if live >= n:
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(end.wait(), 0.05)
+
+
+def stall_outcome(result: Result) -> str:
+    if result.failure:
+        return result.failure[:80]
+    if result.status != 200:
+        return f"HTTP {result.status}"
+    if b"upstream_idle_timeout" in result.error_event:
+        return "idle_timeout"
+    if result.error_event:
+        return f"error event {result.error_event[:80]!r}"
+    return "ended without an error event"
+
+
+async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dict[str, Any]:
+    """n streams to bench-stall opened together (as fast as the gateway takes them), held at
+    the upstream until all have arrived, then released: one content event each, then only
+    comments, until the gateway ends each one idle_s later."""
+    p = run.params
+    url = f"{gateway.url}/v1/chat/completions"
+    via = Via(gateway.name, url, "bench", "bench-stream", gateway.pid)
+    gw_target, upstream = Target(url), Target(upstream_url)
+    try:
+        await warm_up(run, [via], {via.name: gw_target})
+        gw_target.close()
+        async with background_load(url, "bench", p.healthy_rate, p.healthy_s + 30) as baseline:
+            await asyncio.sleep(p.healthy_s)
+        healthy_problems(run, f"healthy baseline before {n} stalls", baseline.summary)
+        requested = n
+        n, note = stall_cap(gateway.pid, n)
+        if note:
+            progress(f"  NOTE: {note}")
+        rss0, fds0 = rss_bytes(gateway.pid), open_fds(gateway.pid)
+        request = gw_target.request(chat_body("bench-stall", stream=True))
+        results: list[Result] = []
+        tasks: list[asyncio.Task[Result]] = []
+        peak, ended = Peak(), asyncio.Event()
+        async with background_load(url, "bench", p.healthy_rate, 600) as during:
+            arrived0 = (await control(upstream, "/control/stats"))["stall_arrived"]
+            await control(upstream, "/control/hold")
+            start = time.monotonic()
+            sampler = asyncio.create_task(sample_peak(gateway.pid, results, n, start, ended, peak))
+            released_at, reason, held_at_release = 0.0, "", 0
+            while True:
+                stats = await control(upstream, "/control/stats")
+                arrived = stats["stall_arrived"] - arrived0
+                for _ in range(min(n, arrived + STALL_WINDOW) - len(results)):
+                    results.append(Result(scheduled=time.monotonic()))
+                    tasks.append(asyncio.create_task(open_stream(gw_target, request, results[-1])))
+                failed = sum(1 for r in results if r.done)
+                if not released_at:
+                    if arrived + failed >= n:
+                        reason = "all arrived"
+                    elif stats["oldest_held_s"] >= RELEASE_AFTER_S:
+                        reason = f"the first had waited {RELEASE_AFTER_S:g} s (ttft_s {TTFT_S:g})"
+                    elif time.monotonic() - start > RAMP_LIMIT_S:
+                        reason = f"time limit {RAMP_LIMIT_S:g} s"
+                    if reason:
+                        held_at_release = stats["held"]
+                        await control(upstream, "/control/release")
+                        released_at = time.monotonic()
+                if released_at and (len(results) == n or reason.startswith("time limit")):
+                    break
+                await asyncio.sleep(0.01)
+            opened_s = time.monotonic() - start
+            _, pending = await asyncio.wait(tasks, timeout=IDLE_S + TTFT_S + 15)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for r in results:
+                if not r.done:
+                    r.failure, r.done = "did not end", time.monotonic()
+            ended.set()
+            await sampler
+        healthy_problems(run, f"healthy requests during {n} stalls", during.summary)
+        gateway.check_alive()
+        left = (await control(upstream, "/control/stats"))["open_streams"]
+        for _ in range(50):
+            if left == 0:
+                break
+            await asyncio.sleep(0.1)
+            left = (await control(upstream, "/control/stats"))["open_streams"]
+    finally:
+        gw_target.close()
+        upstream.close()
+    outcomes: dict[str, int] = {}
+    for r in results:
+        outcome = stall_outcome(r)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if not r.failure and r.status not in (200, 503, 504):
+            run.problem(f"bench-stall: HTTP {r.status}: {r.body[:200]!r}")
+    idled = [r for r in results if stall_outcome(r) == "idle_timeout"]
+    from_upstream = []
+    for r in idled:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            sent_s = json.loads(r.first_data)["bench_sent_ns"] / 1e9
+            from_upstream.append(r.done - sent_s - IDLE_S)
+    base_p99 = baseline.summary.get("latency", {}).get("p99_ms")
+    during_p99 = during.summary.get("latency", {}).get("p99_ms")
+    growth = peak.rss - rss0 if peak.live else None
+    return {
+        "requested": requested,
+        "streams": n,
+        "note": note,
+        "opened_s": opened_s,
+        "release": {
+            "reason": reason,
+            "held": held_at_release,
+            "after_s": released_at - start,
+        },
+        "peak_live": peak.live,
+        "all_live_at_once": peak.live == n,
+        "sampled_at_s": peak.at_s,
+        "rss_before_mb": rss0 / 2**20,
+        "rss_growth_mb": growth / 2**20 if growth is not None else None,
+        "rss_per_stream_kb": growth / 1024 / peak.live if growth is not None else None,
+        "fds_before": fds0,
+        "fds_per_stream": (peak.fds - fds0) / peak.live if peak.live else None,
+        "outcomes": outcomes,
+        "ended_by_idle": len(idled),
+        "late_past_idle": ms_stats(r.done - r.last_event - IDLE_S for r in idled),
+        "late_past_idle_from_upstream_send": ms_stats(from_upstream),
+        "upstream_streams_left": left,
+        "healthy_baseline": baseline.summary,
+        "healthy_during": during.summary,
+        "healthy_added_p99_ms": during_p99 - base_p99
+        if during_p99 is not None and base_p99 is not None
+        else None,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+async def main_phase(run: Run, tmp: Path, servers: dict[str, Server]) -> None:
+    upstream = servers["fast upstream"]
+    vias = [via_direct(upstream), via_proxy(servers["nginx"], gateway=False)]
+    vias += [via_proxy(servers[f"gateway w{w}"], gateway=True) for w in (1, 2)]
+    targets = {via.name: Target(via.url) for via in vias}
+    try:
+        progress("checking answers and warming up ...")
+        await warm_up(run, vias, targets)
+        progress("throughput (wrk) ...")
+        await throughput(run, tmp, vias)
+        paced_vias = vias[:3]  # direct, nginx, gateway w1
+        progress("paced latency ...")
+        await latency(run, paced_vias, targets)
+        progress("streaming ...")
+        await streaming(run, tmp, paced_vias, targets, vias[2])
+    finally:
+        for target in targets.values():
+            target.close()
+    progress("deadline precision ...")
+    await deadline(run, vias[2])
+
+
+def run_all(run: Run, tmp: Path) -> None:
+    setup = Setup(tmp)
+    progress("starting the fast upstream ...")
+    with run_servers([setup.upstream()]) as (upstream,):
+        progress("starting nginx and the gateway with 1 and 2 workers ...")
+        with run_servers([setup.nginx(), setup.gateway(1), setup.gateway(2)]) as started:
+            servers = {s.name: s for s in [upstream, *started]}
+            uvloop.run(main_phase(run, tmp, servers))
+        stalls: dict[str, Any] = {
+            "idle_s": IDLE_S,
+            "ttft_s": TTFT_S,
+            "upstream_model": STALL,
+            "runs": [],
+        }
+        run.data["stalls"] = stalls
+        for n in run.params.stall_sizes:
+            progress(f"stalled streams: {n:,} (a fresh gateway w1) ...")
+            with run_servers([setup.gateway(1)]) as (gateway,):
+                result = uvloop.run(stall_run(run, gateway, upstream.url, n))
+            stalls["runs"].append(result)
+            progress(
+                f"  {result['streams']:,} stalls: peak {result['peak_live']:,} live, "
+                f"{result['ended_by_idle']:,} ended by idle_s"
+            )
+
+
+# --- targets and report --------------------------------------------------------------------
+
+
+def _get(data: dict[str, Any], *keys: str) -> Any:
+    value: Any = data
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+@dataclass(frozen=True)
+class Goal:
+    what: str
+    limit: float
+    unit: str
+    at_most: bool  # True: value <= limit is met; False: value >= limit
+    how: str
+    value: float | None
+
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.what,
+            "limit": self.limit,
+            "unit": self.unit,
+            "at_most": self.at_most,
+            "value": self.value,
+            "met": self.met(),
+            "how": self.how,
+        }
+
+
+def goals(data: dict[str, Any], params: Params) -> list[Goal]:
+    tp = data.get("throughput", {})
+    c1 = str(min(params.concurrencies))
+    direct_p50 = _get(tp, "paths", "direct", c1, "p50_ms")
+    gw_p50 = _get(tp, "paths", "gateway w1", c1, "p50_ms")
+    top_rate = f"{max(params.rates):g}"
+    w2 = _get(tp, "paths", "gateway w2") or {}
+    st = data.get("streaming", {})
+    stall_runs = _get(data, "stalls", "runs") or []
+    largest = max(stall_runs, key=lambda r: r["streams"], default=None)
+    per_stream_kb = largest and largest["rss_per_stream_kb"]
+    lateness = [r["late_past_idle"].get("max_ms") for r in stall_runs if r["late_past_idle"]]
+    all_idled = all(r["ended_by_idle"] == r["streams"] for r in stall_runs) and stall_runs
+    late_max = max(lateness) if lateness and all_idled else (math.inf if stall_runs else None)
+    return [
+        Goal(
+            "gateway CPU per non-streaming request",
+            200,
+            "us",
+            True,
+            f"gateway w1, wrk c={CPU_CONCURRENCY}: (utime+stime) / requests",
+            _get(tp, "cpu", "gateway w1", "us_per_request"),
+        ),
+        Goal(
+            "added p50 at concurrency 1",
+            0.3,
+            "ms",
+            True,
+            f"closed loop, wrk -c{c1}: gateway w1 p50 minus direct p50",
+            gw_p50 - direct_p50 if gw_p50 is not None and direct_p50 is not None else None,
+        ),
+        Goal(
+            f"added p99 at {top_rate} req/s",
+            2,
+            "ms",
+            True,
+            f"paced {top_rate} req/s: gateway w1 p99 minus direct p99",
+            _get(data, "latency", "rates", top_rate, "gateway w1", "added", "p99_ms"),
+        ),
+        Goal(
+            "req/s with --workers 2",
+            5000,
+            "req/s",
+            False,
+            "wrk, best of the concurrencies",
+            max((c["rps"] for c in w2.values()), default=None),
+        ),
+        Goal(
+            "streaming added TTFT p50",
+            1,
+            "ms",
+            True,
+            "paced streams, gateway w1 minus direct",
+            _get(st, "paths", "gateway w1", "added", "ttft_p50_ms"),
+        ),
+        Goal(
+            "streaming added total p50",
+            2,
+            "ms",
+            True,
+            "paced streams, gateway w1 minus direct",
+            _get(st, "paths", "gateway w1", "added", "total_p50_ms"),
+        ),
+        Goal(
+            "gateway CPU per relayed event",
+            30,
+            "us",
+            True,
+            f"gateway w1, wrk c={CPU_CONCURRENCY} streams: CPU / content events "
+            "(per-request work included)",
+            _get(st, "cpu", "us_per_event"),
+        ),
+        Goal(
+            "stalled streams live at once, one worker",
+            STALL_TARGET,
+            "streams",
+            False,
+            "largest run: streams with their token and not yet ended, at the peak",
+            largest and largest["peak_live"],
+        ),
+        Goal(
+            f"RSS growth for {STALL_TARGET:,} stalled streams",
+            512,
+            "MB",
+            True,
+            "largest run, per live stream at the peak, times 10,000",
+            per_stream_kb * STALL_TARGET / 1024 if per_stream_kb is not None else None,
+        ),
+        Goal(
+            "stalled streams ended late past idle_s (max)",
+            100,
+            "ms",
+            True,
+            "every run: last token (as the client saw it) to the end; inf if any stream was "
+            "not ended by the idle timeout",
+            late_max,
+        ),
+        Goal(
+            "healthy added p99 during stalls",
+            5,
+            "ms",
+            True,
+            f"largest run, paced {params.healthy_rate:g} req/s: p99 during minus p99 before",
+            largest and largest["healthy_added_p99_ms"],
+        ),
+        Goal(
+            "deadline precision p99",
+            20,
+            "ms",
+            True,
+            f"bench-hang: response time minus (total_s - margin_s) = {HANG_TOTAL_S - MARGIN_S:g} s",
+            _get(data, "deadline", "late_vs_deadline", "p99_ms"),
+        ),
+    ]
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def report(data: dict[str, Any], params: Params) -> Iterator[str]:
+    if params.smoke:
+        yield "SMOKE RUN: tiny counts; the numbers check the harness, not the gateway."
+        yield ""
+    tp = data["throughput"]
+    yield f"throughput: wrk -t1, {tp['wrk_s']} s x {tp['rounds']} round(s), median req/s"
+    cs = [str(c) for c in params.concurrencies]
+    rows = [
+        [name, *(f"{per_c[c]['rps']:,.0f} (x{per_c[c]['x_direct']:.3f})" for c in cs)]
+        for name, per_c in tp["paths"].items()
+    ]
+    yield table(["path", *(f"c={c}" for c in cs)], rows)
+    cpu = "; ".join(f"{k} {v['us_per_request']:.0f} us" for k, v in tp["cpu"].items())
+    check = tp["upstream_check"]
+    yield f"gateway CPU per request at c={CPU_CONCURRENCY}: {cpu}"
+    yield (
+        f"upstream check: direct {check['direct_max_rps']:,.0f} req/s, best gateway "
+        f"{check['gateway_max_rps']:,.0f} req/s: x{check['headroom']:.1f} headroom"
+    )
+    yield ""
+    lat = data["latency"]
+    yield f"latency: paced (open loop), {lat['paced_s']:g} s per run, ms from the scheduled send"
+    rows = []
+    for rate, per_via in lat["rates"].items():
+        d = per_via["direct"]["latency"]
+        row = [f"{rate}/s", _f(d.get("p50_ms"), 3), _f(d.get("p99_ms"), 3)]
+        for name in ("nginx", "gateway w1"):
+            added = per_via[name].get("added", {})
+            row += [_f(added.get("p50_ms"), 3), _f(added.get("p99_ms"), 3)]
+        row.append(_f(max(s["send_lag"].get("p99_ms", 0.0) for s in per_via.values()), 3))
+        rows.append(row)
+    yield table(
+        ["rate", "direct p50", "p99", "nginx +p50", "+p99", "gateway +p50", "+p99", "send lag p99"],
+        rows,
+    )
+    yield ""
+    st = data["streaming"]
+    yield (
+        f"streaming: {st['events']} events {st['gap_ms']} ms apart, paced {st['rate']:g}/s; "
+        "added ms vs direct"
+    )
+    rows = []
+    for name, s in st["paths"].items():
+        added = s.get("added", {})
+        rows.append(
+            [
+                name,
+                _f(s["ttft"].get("p50_ms"), 3),
+                _f(s["total"].get("p50_ms"), 3),
+                _f(added.get("ttft_p50_ms"), 3),
+                _f(added.get("ttft_p99_ms"), 3),
+                _f(added.get("total_p50_ms"), 3),
+                _f(added.get("total_p99_ms"), 3),
+                _f(st["wrk"][name]["streams_per_s"], 0),
+            ]
+        )
+    yield table(
+        [
+            "path",
+            "TTFT p50",
+            "total p50",
+            "+TTFT p50",
+            "+TTFT p99",
+            "+total p50",
+            "+total p99",
+            f"streams/s c={CPU_CONCURRENCY}",
+        ],
+        rows,
+    )
+    if "cpu" in st:
+        yield (
+            f"gateway CPU: {st['cpu']['us_per_event']:.1f} us per relayed event "
+            f"({st['cpu']['us_per_stream']:.0f} us per stream)"
+        )
+    yield ""
+    dl = data["deadline"]
+    late, budget = dl["late_vs_deadline"], dl["late_vs_budget"]
+    yield (
+        f"deadline: {dl['hangs']} bench-hang requests (total_s {dl['total_s']:g}) beside "
+        f"{dl['healthy_rate']:g} req/s healthy: late past total_s - margin_s p50 "
+        f"{_f(late.get('p50_ms'))} ms, p99 {_f(late.get('p99_ms'))} ms, max "
+        f"{_f(late.get('max_ms'))} ms (past total_s itself: p50 {_f(budget.get('p50_ms'))} ms, "
+        f"p99 {_f(budget.get('p99_ms'))} ms)"
+    )
+    yield ""
+    stalls = data["stalls"]
+    yield (
+        f"stalled streams: one fresh gateway w1 per size, idle_s {stalls['idle_s']:g}, "
+        f"upstream model {stalls['upstream_model']}"
+    )
+    rows = []
+    for r in stalls["runs"]:
+        late = r["late_past_idle"]
+        rows.append(
+            [
+                f"{r['streams']:,}",
+                f"{r['peak_live']:,}",
+                _f(r["opened_s"]),
+                _f(r["rss_growth_mb"], 1),
+                _f(r["rss_per_stream_kb"], 1),
+                _f(r["fds_per_stream"]),
+                f"{r['ended_by_idle']:,}",
+                _f(late.get("p50_ms"), 1),
+                _f(late.get("p99_ms"), 1),
+                _f(late.get("max_ms"), 1),
+                _f(r["healthy_added_p99_ms"]),
+            ]
+        )
+    yield table(
+        [
+            "streams",
+            "peak live",
+            "open s",
+            "RSS +MB",
+            "KB/stream",
+            "fds/stream",
+            "ended by idle",
+            "late p50",
+            "p99",
+            "max ms",
+            "healthy +p99 ms",
+        ],
+        rows,
+    )
+    for r in stalls["runs"]:
+        if r["note"]:
+            yield f"NOTE: {r['note']}"
+        if r["outcomes"].get("idle_timeout", 0) != r["streams"]:
+            yield f"outcomes of {r['streams']:,}: {r['outcomes']}"
+    yield ""
+    yield "targets (from the issue; reported, not asserted)"
+    rows = []
+    for g in data["targets"]:
+        sign = "<=" if g["at_most"] else ">="
+        met = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
+        rows.append([g["target"], f"{sign} {g['limit']:,g} {g['unit']}", _f(g["value"]), met])
+    yield table(["target", "limit", "value", ""], rows)
+
+
+def finite(data: Any) -> Any:
+    """JSON-safe: inf/nan become None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [finite(v) for v in data]
+    return data
+
+
+def versions() -> dict[str, Any]:
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+            timeout=10,
+        )
+        commit = done.stdout.strip() or None
+    return {
+        "gateway_commit": commit,
+        "uvloop": importlib.metadata.version("uvloop"),
+        "aiohttp": aiohttp.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
+    args = parser.parse_args(argv)
+    params = SMOKE if args.smoke else FULL
+    exit_on_sigterm()
+    run = Run(params)
+    run.data.update(
+        benchmark="suite", smoke=params.smoke, machine=machine(), params=dataclasses.asdict(params)
+    )
+    started = time.monotonic()
+    code = 0
+    try:
+        run.data["versions"] = {**versions(), **require_tools()}
+        run.data["nofile"] = raise_fd_limit()
+        with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
+            run_all(run, Path(tmp))
+    except KeyboardInterrupt:
+        progress("bench.suite: interrupted; the servers were stopped")
+        run.data["error"] = "interrupted"
+        code = 130
+    except Exception as exc:
+        progress(f"bench.suite FAILED: {describe_error(exc)}")
+        run.data["error"] = describe_error(exc)
+        code = 1
+    run.data["elapsed_s"] = time.monotonic() - started
+    run.data["targets"] = [g.as_dict() for g in goals(run.data, params)]
+    run.data["problems"] = run.problems
+    if code == 0:
+        for line in report(run.data, params):
+            out(line)
+        out(f"\n({run.data['elapsed_s']:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(finite(run.data), indent=2) + "\n")
+    if code == 0 and run.problems:
+        progress(f"bench.suite FAILED: {len(run.problems)} wrong answer(s):")
+        for problem in run.problems:
+            progress(f"  {problem}")
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
