@@ -219,6 +219,9 @@ def gateway_config(upstream_url: str) -> dict[str, Any]:
         route: dict[str, Any] = {"model": model, "targets": [{"upstream": "fast", "model": target}]}
         if budget is not None:
             route["budget"] = budget
+        # Non-streaming routes measure the proxy path: a call streamed upstream and assembled
+        # costs what a stream costs, which bench-stream measures per event.
+        route["upstream_stream"] = False
         routes.append(route)
     upstream = {
         "name": "fast",

@@ -30,6 +30,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeadlineConfig",
+    "Hedge",
+    "OutlierPolicy",
+    "RetryBudget",
     "RetryPolicy",
     "Route",
     "ServerConfig",
@@ -41,7 +44,7 @@ __all__ = [
 ]
 
 # Conditions a route may retry on: transport-level ones by name, HTTP statuses by number.
-RETRY_CONDITIONS = frozenset({"connect", "ttft", "protocol"})
+RETRY_CONDITIONS = frozenset({"connect", "ttft", "idle", "protocol"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +80,16 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OutlierPolicy:
+    """`upstreams[].outlier`: eject an upstream after this many failures in a row that are its
+    fault, for `base_ejection_s` x times ejected (at most `max_ejection_s`), then probe it."""
+
+    consecutive_failures: int = 5
+    base_ejection_s: float = 10.0
+    max_ejection_s: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpstreamConfig:
     """One upstream: where it is, its credential, and its bulkhead (`max_pending` 0 means no
     queue: shed as soon as all `max_connections` are busy)."""
@@ -88,6 +101,7 @@ class UpstreamConfig:
     max_pending: int = 256
     connect_s: float = 2.0
     keepalive_expiry_s: float = 30.0
+    outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +131,25 @@ class RetryPolicy:
     attempts: int = 1
     backoff_s: float = 0.2
     retry_on: frozenset[str | int] = frozenset({"connect", 429, 502, 503, 504})
+    min_attempt_s: float = 0.1  # no attempt starts with less than this left
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryBudget:
+    """`retry_budget`: retries and hedges at most `ratio` of the route's recent requests,
+    but always `min_per_s` per second (Envoy's retry budget)."""
+
+    ratio: float = 0.2
+    min_per_s: float = 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hedge:
+    """`hedge`: start a second attempt on the next target when the first has no token after
+    `after_s`, or after the first target's recent `after_percentile` time to first token."""
+
+    after_s: float | None = None
+    after_percentile: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +160,9 @@ class Route:
     targets: tuple[Target, ...]
     budget: Budget = field(default_factory=Budget)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    hedge: Hedge | None = None
+    upstream_stream: bool = True  # ask for a stream even when the client did not
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,9 +256,25 @@ def _read_upstream(r: Reader) -> UpstreamConfig:
         max_pending=r.integer("max_pending", default.max_pending, minimum=0),
         connect_s=r.seconds("connect_s", default.connect_s),
         keepalive_expiry_s=r.seconds("keepalive_expiry_s", default.keepalive_expiry_s),
+        outlier=_read_outlier(r.section("outlier")),
     )
     r.unknown_keys()
     return upstream
+
+
+def _read_outlier(r: Reader) -> OutlierPolicy:
+    default = OutlierPolicy()
+    policy = OutlierPolicy(
+        consecutive_failures=r.integer("consecutive_failures", default.consecutive_failures),
+        base_ejection_s=r.seconds("base_ejection_s", default.base_ejection_s),
+        max_ejection_s=r.seconds("max_ejection_s", default.max_ejection_s),
+    )
+    if r.ok("base_ejection_s", "max_ejection_s") and policy.max_ejection_s < policy.base_ejection_s:
+        r.error(
+            "max_ejection_s", f"must be at least base_ejection_s ({_num(policy.base_ejection_s)})"
+        )
+    r.unknown_keys()
+    return policy
 
 
 def _read_base_url(r: Reader) -> str:
@@ -253,8 +305,44 @@ def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
         t.unknown_keys()
     budget = _read_budget(r.section("budget"), max_s)
     retry = _read_retry(r.section("retry"))
+    retry_budget = _read_retry_budget(r.section("retry_budget"))
+    hedge = _read_hedge(r.section("hedge"), len(targets)) if r.has("hedge") else None
+    upstream_stream = r.boolean("upstream_stream", True)
     r.unknown_keys()
-    return Route(model=model, targets=tuple(targets), budget=budget, retry=retry)
+    return Route(
+        model=model,
+        targets=tuple(targets),
+        budget=budget,
+        retry=retry,
+        retry_budget=retry_budget,
+        hedge=hedge,
+        upstream_stream=upstream_stream,
+    )
+
+
+def _read_retry_budget(r: Reader) -> RetryBudget:
+    default = RetryBudget()
+    budget = RetryBudget(
+        ratio=r.number("ratio", default.ratio, minimum=0, maximum=1),
+        min_per_s=r.number("min_per_s", default.min_per_s, minimum=0, maximum=1e6),
+    )
+    r.unknown_keys()
+    return budget
+
+
+def _read_hedge(r: Reader, targets: int) -> Hedge | None:
+    after_s = r.seconds("after_s", 0.0) if r.has("after_s") else None
+    percentile = (
+        r.number("after_percentile", 0.0, minimum=1, maximum=99.9)
+        if r.has("after_percentile")
+        else None
+    )
+    if (after_s is None) == (percentile is None) and r.ok("after_s", "after_percentile"):
+        r.error("after_s", "set exactly one of after_s and after_percentile")
+    if targets < 2:
+        r.errors.append(f"{r.path}: hedging needs a second target to hedge on")
+    r.unknown_keys()
+    return Hedge(after_s=after_s, after_percentile=percentile)
 
 
 def _read_budget(r: Reader, max_s: float) -> Budget:
@@ -293,6 +381,7 @@ def _read_retry(r: Reader) -> RetryPolicy:
         attempts=attempts,
         backoff_s=backoff_s,
         retry_on=retry_on if r.has("retry_on") else default.retry_on,
+        min_attempt_s=r.seconds("min_attempt_s", default.min_attempt_s, allow_zero=True),
     )
     r.unknown_keys()
     return policy
@@ -340,7 +429,10 @@ def describe_config(config: Config) -> str:
             f"upstream {u.name}  {_mask_url(u.base_url)}  "
             f"api_key={'***' if u.api_key else 'none'}  max_connections={u.max_connections} "
             f"max_pending={u.max_pending} connect_s={_num(u.connect_s)} "
-            f"keepalive_expiry_s={_num(u.keepalive_expiry_s)}"
+            f"keepalive_expiry_s={_num(u.keepalive_expiry_s)}  outlier "
+            f"consecutive_failures={u.outlier.consecutive_failures} "
+            f"base_ejection_s={_num(u.outlier.base_ejection_s)} "
+            f"max_ejection_s={_num(u.outlier.max_ejection_s)}"
         )
     for route in config.routes:
         b, retry = route.budget, route.retry
@@ -349,12 +441,23 @@ def describe_config(config: Config) -> str:
             f"route {route.model}  budget total_s={_num(b.total_s)} ttft_s={_num(b.ttft_s)} "
             f"idle_s={_num(b.idle_s)} attempt_s={_num(b.attempt_s)}  retry "
             f"attempts={retry.attempts} backoff_s={_num(retry.backoff_s)} "
-            f"on=[{', '.join(map(str, conditions))}]"
+            f"on=[{', '.join(map(str, conditions))}] min_attempt_s={_num(retry.min_attempt_s)}"
+            f"  retry_budget ratio={_num(route.retry_budget.ratio)} "
+            f"min_per_s={_num(route.retry_budget.min_per_s)}  hedge={_hedge(route.hedge)}"
+            f"  upstream_stream={str(route.upstream_stream).lower()}"
         )
         for i, target in enumerate(route.targets, 1):
             fallback = " (fallback)" if i > 1 else ""
             lines.append(f"  {i}. {target.upstream} -> {target.model}{fallback}")
     return "\n".join(lines)
+
+
+def _hedge(hedge: Hedge | None) -> str:
+    if hedge is None:
+        return "off"
+    if hedge.after_s is not None:
+        return f"after_s={_num(hedge.after_s)}"
+    return f"after_percentile={_num(hedge.after_percentile or 0)}"
 
 
 def _mask_url(url: str) -> str:

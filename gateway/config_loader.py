@@ -148,6 +148,18 @@ class Reader:
         self.error(key, f"must be a number of seconds {bound}{got(value)}")
         return default
 
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        number = math.nan  # anything but a number is reported below
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        if not (math.isfinite(number) and minimum <= number <= maximum):
+            self.error(key, f"must be a number from {minimum:g} to {maximum:g}{got(value)}")
+            return default
+        return number
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.get(key)
         if value is _MISSING:

@@ -53,6 +53,7 @@ class RequestBudget:
     idle_s: float
     attempt_s: float
     margin_s: float
+    client_gap: bool = False  # a client hint shortened ttft_s/idle_s: timeouts are its own
 
 
 def parse_hints(headers: Mapping[str, str]) -> ClientHints:
@@ -93,6 +94,7 @@ def resolve_budget(
         idle_s=min(budget.idle_s, gap_cap),
         attempt_s=budget.attempt_s,
         margin_s=limits.margin_s,
+        client_gap=gap_cap < max(budget.ttft_s, budget.idle_s),
     )
 
 

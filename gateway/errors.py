@@ -123,6 +123,11 @@ class UpstreamStatus(GatewayError):
         self.raw_body = body
         self.content_type = headers.get("content-type", "application/json")
         self.retry_after = headers.get("retry-after")
+        self.upstream_headers = {
+            name: value
+            for name in ("retry-after", "retry-after-ms")
+            if (value := headers.get(name)) is not None
+        }
         self.should_retry = self.retry_after is not None and status in (429, 503)
 
     def headers(self) -> dict[str, str]:

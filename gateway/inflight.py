@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
@@ -34,6 +34,8 @@ class Exchange:
     upstream_s: float | None = None  # request sent until upstream response headers
     ttft_s: float | None = None  # arrival until the first content event
     last_content_at: float | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason)
+    hedge: str | None = None  # not_needed, fired, won or lost
     # The cancel scope the request is running in, if any: a disconnect cancels it.
     scope: anyio.CancelScope | None = None
 

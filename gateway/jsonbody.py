@@ -46,6 +46,16 @@ def with_model(body: bytes, payload: dict[str, Any], model: str) -> bytes:
     return json.dumps({**exact, "model": model}).encode()
 
 
+def with_fields(body: bytes, payload: dict[str, Any], model: str, fields: dict[str, Any]) -> bytes:
+    """`with_model`, and top-level `fields` set too (for asking an upstream for a stream)."""
+    body = with_model(body, payload, model)
+    if not any(key in payload for key in fields):  # new keys: written in front, no re-parse
+        start = body.index(b"{") + 1
+        return body[:start] + orjson.dumps(fields)[1:-1] + b"," + body[start:]
+    exact = json.loads(body)
+    return json.dumps({**exact, **fields}).encode()
+
+
 def _swap_model_bytes(body: bytes, old: str, new: str) -> bytes | None:
     """Replace the value of the one `"model"` key in the bytes, or None if unsure which."""
     # Without \u escapes the top-level key is spelled `"model"`; seen once, it is that key.

@@ -111,6 +111,7 @@ class ProxyEndpoint:
             body=body,
             payload=payload,
             upstreams=self.gateway.upstreams,
+            state=self.gateway.router.state(route),
             writer=writer,
             headers=reply_headers,
         )

@@ -1,24 +1,28 @@
 """One request's upstream exchange: attempts within the deadline, then the relay to the client.
 
     with deadline scope:                       the whole request: total_s and client hints
-        for each (target, try) while budget:   retry/fallback only before the commit
-            wait in the upstream's queue       a deadline here is `upstream_pool_timeout`
+        for each (target, try):                retry/fallback only before the commit, and only
+            policy: fits? budget? ejected?     what gateway.resilience lets start
+            [hedge: a second target races]     for the first token, the loser cancelled
+            wait in the upstream's queue       earliest deadline first; `upstream_pool_timeout`
             with attempt scope:                attempt_s
                 send, await headers            connect_s is the HTTP client's; the rest scopes
-                with ttft scope: first event   counted in content events, not bytes
-                commit status + headers
-                with idle scope: each event    idle_s per gap between content events
+                with ttft scope: first token   generated content, not bytes, not a role chunk
+                stream: commit, relay events   idle_s per gap (one lazily re-armed timer)
+                or assemble: read all, answer  non-streaming calls streamed upstream
+                or whole: read, answer         upstream_stream: false, embeddings
     after the commit, a failure is one terminal SSE error event, then the stream ends
 
-Every upstream response is closed in `finally`, shielded and bounded; every queue slot is
-released. Nothing here takes a `timeout=`: phases read the request's `RequestBudget`.
+Every upstream response is closed in `finally`; every queue slot is released. Nothing here
+takes a `timeout=`: phases read the request's `RequestBudget`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
+import random
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,16 +32,29 @@ import anyio
 from gateway import jsonbody
 from gateway.config import Route, Target
 from gateway.deadline import timeout_header_ms
-from gateway.errors import BudgetExceeded, GatewayError, UpstreamFailed, UpstreamStatus
+from gateway.errors import (
+    BudgetExceeded,
+    GatewayError,
+    Overloaded,
+    UpstreamFailed,
+    UpstreamStatus,
+)
 from gateway.inflight import Exchange
+from gateway.openai_stream import Assembler, Kind, streamable
+from gateway.resilience.attempts import backoff, fits
+from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.responses import ResponseWriter
-from gateway.routing import attempt_plan, failure_condition
-from gateway.sse import Event, SSEDecoder, error_event
+from gateway.routing import RouteState, failure_condition, upstreams_fault
+from gateway.sse import Event, error_event
 from gateway.upstream import UPSTREAM_ERRORS, Upstream, map_transport_error
+from gateway.upstream_reader import ContentEvents, IdleWatchdog, read_limited, until_done
 
-log = logging.getLogger("gateway.relay")
+attempt_log = logging.getLogger("gateway.attempt")  # one line per failed or skipped attempt
+_RNG = random.Random()  # backoff jitter
 
-_MAX_ERROR_BODY = 1024 * 1024
+_KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "text"}
+# What a non-streaming call asks of the upstream, so the stream guards apply to it too.
+_STREAM_FIELDS = {"stream": True, "stream_options": {"include_usage": True}}
 _GRACE_S = 1.0  # for the last words to a client after the budget is spent
 
 
@@ -51,17 +68,30 @@ class Relay:
         body: bytes,
         payload: dict[str, Any],
         upstreams: Mapping[str, Upstream],
+        state: RouteState,
         writer: ResponseWriter,
         headers: Mapping[str, str],
     ) -> None:
         self.exchange = exchange
         self.route = route
+        self.state = state
         self.path = path
         self.body = body  # as the client sent it: forwarded with only `model` swapped
         self.payload = payload
         self.upstreams = upstreams
         self.writer = writer
         self.headers = headers  # sent on every response: X-Request-Id
+        kind = _KINDS.get(path)
+        # Assemble: the client wants a whole answer, the upstream is asked for a stream.
+        self.assemble = (
+            kind is not None
+            and not exchange.stream
+            and route.upstream_stream
+            and streamable(kind, payload)
+        )
+        # The protocol of the upstream exchange: a stream of `kind`, or None for a whole body.
+        self.kind: Kind | None = kind if exchange.stream or self.assemble else None
+        self._tried: set[tuple[Target, int]] = set()  # (target, try) made by a hedge
 
     async def run(self) -> GatewayError | None:
         """Serve the request; answer every failure; return it (None when all went well, or
@@ -91,82 +121,224 @@ class Relay:
         return failure
 
     async def _attempts(self) -> None:
-        deadline = self.exchange.budget.deadline
+        """Each target in order with its retries, while the policy lets attempts start."""
+        exchange, route, state = self.exchange, self.route, self.state
+        deadline = exchange.budget.deadline
         last: GatewayError | None = None
-        for target, number in attempt_plan(self.route):
-            if last is not None:
-                if failure_condition(last) not in self.route.retry.retry_on:
+        ejected: list[float] = []  # seconds until each ejected target's probe
+        self._tried.clear()
+        state.retry_budget.record_request(anyio.current_time())
+        for index, target in enumerate(route.targets):
+            upstream = self.upstreams[target.upstream]
+            for number in range(1, route.retry.attempts + 1):
+                if (target, number) in self._tried:  # a hedge already made this one
+                    continue
+                if last is not None and failure_condition(last) not in route.retry.retry_on:
+                    raise last
+                now = anyio.current_time()
+                wait = 0.0
+                if number > 1:  # a retry on the same target: backed off, budgeted
+                    wait = backoff(route.retry.backoff_s, number - 1, _RNG)
+                    asked = _retry_after(last)
+                    if asked is not None:
+                        if asked >= deadline.remaining():
+                            self._skip(target, "retry_after")
+                            break
+                        wait = max(wait, asked)
+                    if not state.retry_budget.try_spend(now):
+                        self._skip(target, "retry_budget")
+                        break
+                if not self._fits(target, wait):
+                    self._skip(target, "budget")
                     break
-                backoff = self.route.retry.backoff_s * 2 ** (number - 2) if number > 1 else 0.0
-                if deadline.remaining() <= backoff:
+                if not upstream.outlier.admit(now + wait):
+                    self._skip(target, "ejected")
+                    ejected.append(upstream.outlier.retry_after(now))
                     break
-                await anyio.sleep(backoff)
-            try:
-                await self._attempt(self.upstreams[target.upstream], target)
-                return
-            except GatewayError as error:
-                if self.exchange.committed:
-                    raise
-                last = error
-        assert last is not None  # every route has a target, tried at least once
-        raise last
+                if wait:
+                    await anyio.sleep(wait)
+                following = route.targets[index + 1] if index + 1 < len(route.targets) else None
+                delay = self._hedge_delay(target) if number == 1 else None
+                try:
+                    if delay is not None and following is not None:
+                        await self._hedged(target, following, delay)
+                    else:
+                        await self._attempt(upstream, target)
+                    return
+                except GatewayError as error:
+                    if exchange.committed:
+                        raise
+                    last = error
+        if last is not None:
+            raise last
+        if ejected:
+            raise Overloaded(
+                "Every upstream of this route is ejected after repeated failures.",
+                code="circuit_open",
+                retry_after_s=max(1, math.ceil(min(ejected))),
+            )
+        raise BudgetExceeded("total", "No target can answer within the time left.")
 
-    async def _attempt(self, upstream: Upstream, target: Target) -> None:
+    def _fits(self, target: Target, wait: float) -> bool:
+        now = anyio.current_time()
+        remaining = self.exchange.budget.deadline.at - now - wait
+        typical = self.state.ttft[target].typical(now) if self.kind is not None else None
+        return fits(remaining, min_attempt_s=self.route.retry.min_attempt_s, typical_ttft=typical)
+
+    def _skip(self, target: Target, reason: str) -> None:
+        self.exchange.skipped.append((target.upstream, reason))
+        attempt_log.info(
+            "request_id=%s route=%s upstream=%s model=%s outcome=skipped reason=%s",
+            self.exchange.request_id, self.route.model, target.upstream, target.model, reason,
+        )  # fmt: skip
+
+    def _hedge_delay(self, target: Target) -> float | None:
+        hedge = self.route.hedge
+        if hedge is None or self.kind is None:  # a whole answer has no first token to race
+            return None
+        if hedge.after_s is not None:
+            return hedge.after_s
+        assert hedge.after_percentile is not None  # the config sets exactly one
+        return self.state.ttft[target].percentile(anyio.current_time(), hedge.after_percentile)
+
+    async def _hedged(self, first: Target, second: Target, delay: float) -> None:
+        """Start `first`; if it has no token after `delay`, start `second` too. The first to
+        produce a token delivers; the other is cancelled at once (its socket closed)."""
+        exchange = self.exchange
+        race = _Race()
+        race.scopes = {first: anyio.CancelScope(), second: anyio.CancelScope()}
+        failures: dict[Target, GatewayError] = {}
+
+        async def run(target: Target) -> None:
+            with race.scopes[target]:
+                try:
+                    await self._attempt(self.upstreams[target.upstream], target, race)
+                except GatewayError as error:
+                    failures[target] = error
+            if target == first:
+                race.settled.set()  # it ended: no hedge to start now
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, first)
+            with anyio.move_on_after(delay):
+                await race.settled.wait()
+            if race.winner is None and first not in failures:
+                upstream = self.upstreams[second.upstream]
+                now = anyio.current_time()
+                if not self._fits(second, 0.0):
+                    self._skip(second, "budget")
+                elif not self.state.retry_budget.try_spend(now):
+                    self._skip(second, "retry_budget")
+                elif not upstream.outlier.admit(now):
+                    self._skip(second, "ejected")
+                else:
+                    exchange.hedge = "fired"
+                    self._tried.add((second, 1))
+                    group.start_soon(run, second)
+            else:
+                exchange.hedge = "not_needed"
+        winner = race.winner
+        if winner is not None:
+            if exchange.hedge == "fired":
+                exchange.hedge = "won" if winner == second else "lost"
+            if winner in failures:
+                raise failures[winner]
+            return
+        raise failures.get(second) or failures[first]
+
+    async def _attempt(self, upstream: Upstream, target: Target, race: _Race | None = None) -> None:
         exchange = self.exchange
         exchange.attempts += 1
         exchange.upstream = upstream.name
         exchange.phase = "queued"
         queued_at = anyio.current_time()
-        await upstream.bulkhead.acquire()
+        await upstream.bulkhead.acquire(exchange.budget.deadline.at)
+        started = anyio.current_time()
         try:
-            started = anyio.current_time()
             exchange.queue_s += started - queued_at
             attempt_end = started + exchange.budget.attempt_s
             if attempt_end >= exchange.budget.deadline.at:  # the deadline comes first anyway
-                await self._exchange_with(upstream, target, started)
-                return
-            with anyio.CancelScope(deadline=attempt_end) as scope:
-                await self._exchange_with(upstream, target, started)
-            if scope.cancelled_caught:
-                raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
+                await self._exchange_with(upstream, target, started, race)
+            else:
+                with anyio.CancelScope(deadline=attempt_end) as scope:
+                    await self._exchange_with(upstream, target, started, race)
+                if scope.cancelled_caught:
+                    raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
+        except GatewayError as error:
+            if upstreams_fault(error, client_gap=exchange.budget.client_gap):
+                upstream.outlier.failure(anyio.current_time())
+            else:
+                upstream.outlier.neutral()
+            attempt_log.info(
+                "request_id=%s route=%s upstream=%s model=%s outcome=%s ms=%.1f",
+                exchange.request_id, self.route.model, upstream.name, target.model, error.code,
+                (anyio.current_time() - started) * 1000,
+            )  # fmt: skip
+            raise
+        except BaseException:  # cancelled: the caller left, its deadline passed, a hedge won
+            upstream.outlier.neutral()
+            raise
+        else:
+            if race is None or race.winner == target:
+                upstream.outlier.success()
+            else:  # lost a hedge: it says nothing of the upstream
+                upstream.outlier.neutral()
         finally:
             upstream.bulkhead.release()
 
-    async def _exchange_with(self, upstream: Upstream, target: Target, started: float) -> None:
+    async def _exchange_with(
+        self, upstream: Upstream, target: Target, started: float, race: _Race | None
+    ) -> None:
         exchange = self.exchange
         budget = exchange.budget
         attempt_end = min(started + budget.attempt_s, budget.deadline.at)
         headers = {
             "content-type": "application/json",
-            "accept": "text/event-stream" if exchange.stream else "application/json",
+            "accept": "application/json" if self.kind is None else "text/event-stream",
             "x-request-id": exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
         }
-        body = jsonbody.with_model(self.body, self.payload, target.model)
+        if self.assemble:
+            body = jsonbody.with_fields(self.body, self.payload, target.model, _STREAM_FIELDS)
+        else:
+            body = jsonbody.with_model(self.body, self.payload, target.model)
         response: aiohttp.ClientResponse | None = None
         try:
             exchange.phase = "connecting"
-            if not exchange.stream:  # the whole answer is the token: the attempt bounds it
+            if self.kind is None:  # a whole answer: the attempt and the deadline bound it
                 response = await self._send(upstream, body, headers, started)
-                await self._relay_whole(response)
+                await self._relay_whole(response)  # never hedged: no race to claim
                 return
             # The first token is due `ttft_s` after the attempt starts, whatever holds it up
-            # (connect, headers, keep-alives); no scope needed if the deadline comes first.
+            # (connect, headers, keep-alives, role-only chunks); no scope needed if the
+            # deadline comes first.
             first_due = started + budget.ttft_s
+            assembler = Assembler(self.kind) if self.assemble else None
             with anyio.CancelScope(
                 deadline=first_due if first_due < attempt_end else math.inf
             ) as first_scope:
                 response = await self._send(upstream, body, headers, started)
-                events = _ContentEvents(response)
-                first = await events.next_batch()
+                events = ContentEvents(response, assembler)
+                first = await events.until_token()
             if first_scope.cancelled_caught:
                 raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
             if first is None:
                 raise UpstreamFailed(
-                    "The upstream ended the stream before any event.",
+                    "The upstream ended the stream before any token.",
                     code="upstream_protocol_error",
                 )
-            await self._relay_stream(first, events)
+            now = anyio.current_time()
+            self.state.ttft[target].record(now, now - started)
+            if race is not None and not race.claim(target):
+                return  # the other attempt of a hedge had its token first
+            exchange.upstream = upstream.name
+            exchange.ttft_s = now - exchange.arrival
+            exchange.last_content_at = now
+            exchange.phase = "streaming"
+            if assembler is None:
+                await self._relay_stream(first, events)
+            else:
+                await self._relay_assembled(assembler, events)
         except UPSTREAM_ERRORS as exc:
             raise map_transport_error(exc) from exc
         finally:
@@ -183,38 +355,36 @@ class Relay:
         exchange.phase = "waiting_first_token"
         if response.status >= 400:
             try:
-                error_body = await _read_limited(response)
+                error_body = await read_limited(response)
             finally:
                 upstream.close(response)
             raise UpstreamStatus(response.status, error_body, response.headers)
         return response
 
     async def _relay_whole(self, response: aiohttp.ClientResponse) -> None:
-        exchange = self.exchange
         body = await response.read()
         jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 the SDK chokes on
-        exchange.ttft_s = anyio.current_time() - exchange.arrival
-        exchange.committed = exchange.finishing = True
+        self.exchange.ttft_s = anyio.current_time() - self.exchange.arrival
         content_type = response.headers.get("content-type", "application/json")
+        await self._answer_whole(content_type, body)
+
+    async def _answer_whole(self, content_type: str, body: bytes) -> None:
+        self.exchange.committed = self.exchange.finishing = True
         await self.writer.whole(200, self._success_headers(content_type), body)
 
-    async def _relay_stream(self, first: list[Event], events: _ContentEvents) -> None:
-        """Commit on the first content event, then pass each chunk's events on as one write;
-        `idle_s` bounds every gap, kept by one lazily re-armed timer, not a scope per event."""
+    async def _relay_stream(self, first: list[Event], events: ContentEvents) -> None:
+        """Commit on the first token, then pass each chunk's events on as one write; `idle_s`
+        bounds every gap, kept by one lazily re-armed timer, not a scope per event."""
         exchange = self.exchange
         idle_s = exchange.budget.idle_s
-        now = anyio.current_time()
-        exchange.last_content_at = now
-        exchange.ttft_s = now - exchange.arrival
         await self.writer.start(200, self._success_headers("text/event-stream"))
         exchange.committed = True
-        exchange.phase = "streaming"
         batch: list[Event] | None = first
         with anyio.CancelScope() as idle_scope:
-            watchdog = _IdleWatchdog(idle_scope, idle_s)
+            watchdog = IdleWatchdog(idle_scope, idle_s)
             try:
                 while batch is not None:
-                    done = _until_done(batch)
+                    done = until_done(batch)
                     exchange.finishing = done is not None
                     if done is not None:
                         await self.writer.body(done, more=False)
@@ -230,6 +400,27 @@ class Relay:
             raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
         exchange.finishing = True
         await self.writer.body(b"", more=False)
+
+    async def _relay_assembled(self, assembler: Assembler, events: ContentEvents) -> None:
+        """Read the rest of the stream under `idle_s` (nothing is sent yet, so a stall can
+        still fall over), then answer with the non-streaming body it adds up to."""
+        exchange = self.exchange
+        idle_s = exchange.budget.idle_s
+        with anyio.CancelScope() as idle_scope:
+            watchdog = IdleWatchdog(idle_scope, idle_s)
+            try:
+                while not events.done and await events.next_batch() is not None:
+                    exchange.last_content_at = watchdog.touch()
+            finally:
+                watchdog.stop()
+        if watchdog.fired:
+            raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-answer.")
+        if not assembler.finished:
+            raise UpstreamFailed(
+                "The upstream's stream ended before the answer was complete.",
+                code="upstream_protocol_error",
+            )
+        await self._answer_whole("application/json", jsonbody.dumps(assembler.result()))
 
     async def _answer_failure(self, failure: GatewayError) -> None:
         self.exchange.finishing = True  # the last words: a disconnect after them is normal
@@ -256,80 +447,27 @@ class Relay:
         return headers
 
 
-class _ContentEvents:
-    """The upstream's content events, a chunk's worth at a time; keep-alive comments dropped.
+class _Race:
+    """Two attempts of a hedge racing to their first token: the first to claim wins and the
+    other's scope is cancelled at once."""
 
-    Events are checked to be JSON until the first one is out (a garbage stream is a 502);
-    after that they are relayed as they came, unparsed.
-    """
+    def __init__(self) -> None:
+        self.scopes: dict[Target, anyio.CancelScope] = {}
+        self.winner: Target | None = None
+        self.settled = anyio.Event()  # a winner, or the first attempt ended without one
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._content = response.content
-        self._decoder = SSEDecoder()
-        self._ended = False
-        self._checked = False
-
-    async def next_batch(self) -> list[Event] | None:
-        """The content events of the next chunk that has any; None at the end of the stream."""
-        while not self._ended:
-            chunk = await self._content.readany()
-            if chunk:
-                events = self._decoder.feed(chunk)
-            else:
-                self._ended = True
-                events = self._decoder.flush()
-            batch = [event for event in events if event.is_content]
-            if batch:
-                if not self._checked:
-                    self._checked = True
-                    for event in batch:
-                        if not event.is_done:
-                            jsonbody.loads(event.data or b"")
-                return batch
-        return None
+    def claim(self, target: Target) -> bool:
+        if self.winner is None:
+            self.winner = target
+            for other, scope in self.scopes.items():
+                if other != target:
+                    scope.cancel()
+            self.settled.set()
+        return self.winner == target
 
 
-def _until_done(batch: list[Event]) -> bytes | None:
-    """The batch's bytes up to and including `data: [DONE]`, if it has that event."""
-    for index, event in enumerate(batch):
-        if event.is_done:
-            return b"".join(e.raw for e in batch[: index + 1])
+def _retry_after(failure: GatewayError | None) -> float | None:
+    """Seconds an upstream's error answer asked us to wait before calling it again."""
+    if isinstance(failure, UpstreamStatus):
+        return asked_retry_after(failure.upstream_headers, time.time())
     return None
-
-
-class _IdleWatchdog:
-    """Cancels `scope` when `idle_s` pass without `touch()`: one timer handle per stream,
-    re-armed only when it fires early, so relaying an event costs a clock read."""
-
-    def __init__(self, scope: anyio.CancelScope, idle_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._scope = scope
-        self._idle_s = idle_s
-        self._last = self._loop.time()
-        self._timer = self._loop.call_at(self._last + idle_s, self._check)
-        self.fired = False
-
-    def touch(self) -> float:
-        self._last = now = self._loop.time()
-        return now
-
-    def stop(self) -> None:
-        self._timer.cancel()
-
-    def _check(self) -> None:
-        due = self._last + self._idle_s
-        if self._loop.time() >= due:
-            self.fired = True
-            self._scope.cancel()
-        else:
-            self._timer = self._loop.call_at(due, self._check)
-
-
-async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    body = b""
-    while len(body) <= _MAX_ERROR_BODY:
-        chunk = await response.content.readany()
-        if not chunk:
-            return body
-        body += chunk
-    return body[:_MAX_ERROR_BODY]

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-from gateway.config import Config, Route, Target
+from gateway.config import Config, Route
 from gateway.errors import BudgetExceeded, GatewayError, ModelNotFound, Overloaded, UpstreamStatus
+from gateway.resilience.latency import LatencyWindow
+from gateway.resilience.retry_budget import RetryBudgetTracker
+
+
+class RouteState:
+    """What a route remembers between requests: its retry budget, each target's recent time
+    to first token."""
+
+    def __init__(self, route: Route) -> None:
+        self.retry_budget = RetryBudgetTracker(route.retry_budget)
+        self.ttft = {target: LatencyWindow() for target in route.targets}
 
 
 class Router:
     def __init__(self, config: Config) -> None:
         self._routes = {route.model: route for route in config.routes}
+        self._states = {route.model: RouteState(route) for route in config.routes}
+
+    def state(self, route: Route) -> RouteState:
+        return self._states[route.model]
 
     @property
     def models(self) -> list[str]:
@@ -27,13 +40,6 @@ class Router:
         return route
 
 
-def attempt_plan(route: Route) -> Iterator[tuple[Target, int]]:
-    """Each target in order, each tried `retry.attempts` times: (target, try number from 1)."""
-    for target in route.targets:
-        for number in range(1, route.retry.attempts + 1):
-            yield target, number
-
-
 def failure_condition(failure: GatewayError) -> str | int | None:
     """The `retry_on` name of a failure before the response was committed, if it has one."""
     if isinstance(failure, UpstreamStatus):
@@ -42,7 +48,21 @@ def failure_condition(failure: GatewayError) -> str | int | None:
         return 503  # a full queue here is the upstream being unavailable to us
     if isinstance(failure, BudgetExceeded):
         # An attempt that ran out before committing had no first token either.
-        return {"connect": "connect", "ttft": "ttft", "attempt": "ttft"}.get(failure.phase)
+        return {"connect": "connect", "ttft": "ttft", "attempt": "ttft", "idle": "idle"}.get(
+            failure.phase
+        )
     return {"upstream_connect_error": "connect", "upstream_protocol_error": "protocol"}.get(
         failure.code
     )
+
+
+def upstreams_fault(failure: GatewayError, *, client_gap: bool) -> bool:
+    """Whether a failed attempt counts against its upstream for outlier ejection: refused or
+    timed-out connects, no token in time, 5xx, nonsense; never a budget the client set."""
+    if isinstance(failure, UpstreamStatus):
+        return failure.status >= 500
+    if isinstance(failure, BudgetExceeded):
+        return failure.phase in ("connect", "attempt") or (
+            failure.phase in ("ttft", "idle") and not client_gap
+        )
+    return failure.code in ("upstream_connect_error", "upstream_protocol_error")

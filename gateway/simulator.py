@@ -18,17 +18,25 @@ An unknown knob or a bad value is a 400 naming the knob.
 
     knob          effect (default: off)
     latency-ms    sleep before the response headers, in every mode (default 0)
-    ttft-ms       streaming: after the headers, sleep before the first token (default 0)
-    gap-ms        streaming: sleep between tokens (default 0)
+    ttft-ms       sleep before the first token (default 0): streaming, after the headers and
+                  the role-only first chunk; not streaming, before the headers, as a model
+                  server generates the whole answer before it sends any of it
+    gap-ms        sleep between tokens (default 0), in both modes, the same way
     tokens        completion tokens to produce (default 8)
+    tool-calls    answer with this many tool calls instead of text (chat only): call i is
+                  `tool_i` with JSON arguments streamed in `tokens` pieces; finish_reason
+                  `tool_calls`
     hang          `headers`: never send the headers; `body`: send the 200 headers, then nothing;
-                  `after-N`: stream N tokens, then nothing (not streaming: as `body`). A hang
+                  `after-N`: stream the role-only chunk (chat) and N tokens, then nothing (not
+                  streaming: as `body`). A hang
                   lasts until the client goes away, or 600 s and then the answer goes on
     keepalive-ms  streaming: while hanging after the headers or waiting for a token, send the
                   SSE comment `: keep-alive` this often
     status        after `latency-ms`, answer with this status (400-599) and an OpenAI error
                   envelope whose code is `sim_error`
     retry-after   with `status`: the value of a `Retry-After` header
+    flaky         with `status`: only the first N requests for this exact model string fail
+                  with it; later ones are answered normally (a brown-out that recovers)
     malformed     `json`: a non-streaming 200 whose body is `{"id": "broken`; `sse`: a stream
                   whose first event is `data: {not json}` (each is ignored in the other mode)
     close         `true`: answer with `Connection: close`, so the server closes the connection
@@ -73,8 +81,8 @@ HANG_LIMIT_MS = 600_000
 MAX_TOKENS = 100_000
 EMBEDDING_DIMS = 8
 KNOBS = frozenset(
-    {"latency-ms", "ttft-ms", "gap-ms", "tokens", "hang", "keepalive-ms", "status"}
-    | {"retry-after", "malformed", "reset", "close"}
+    {"latency-ms", "ttft-ms", "gap-ms", "tokens", "tool-calls", "hang", "keepalive-ms", "status"}
+    | {"retry-after", "malformed", "reset", "close", "flaky"}
 )
 
 Knobs = Mapping[str, str]
@@ -104,6 +112,7 @@ class Faults:
     ttft_ms: int = 0
     gap_ms: int = 0
     tokens: int = 8
+    tool_calls: int = 0
     hang_before_headers: bool = False
     hang_after_tokens: int | None = None  # hang=body is 0
     keepalive_ms: int | None = None
@@ -112,6 +121,7 @@ class Faults:
     malformed: str | None = None  # "json" or "sse"
     reset_after_tokens: int | None = None  # reset=after-headers is 0
     close: bool = False
+    flaky: int | None = None
 
 
 def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
@@ -136,6 +146,7 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         ttft_ms=_int(knobs, "ttft-ms", 0),
         gap_ms=_int(knobs, "gap-ms", 0),
         tokens=_int(knobs, "tokens", 8, high=MAX_TOKENS),
+        tool_calls=_int(knobs, "tool-calls", 0, high=16),
         hang_before_headers=hang == "headers",
         hang_after_tokens=None if hang == "headers" else _after(knobs, "hang", alias="body"),
         keepalive_ms=_optional_int(knobs, "keepalive-ms", low=1),
@@ -144,6 +155,7 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         malformed=knobs.get("malformed"),
         reset_after_tokens=_after(knobs, "reset", alias="after-headers"),
         close=knobs.get("close") == "true",
+        flaky=_optional_int(knobs, "flaky", high=MAX_TOKENS),
     )
 
 
@@ -206,6 +218,15 @@ class SimulatorStats:
     last_headers: dict[str, str] = field(default_factory=dict)
     last_body: Any = None
     _peers: set[object] = field(default_factory=set, repr=False)
+    _flaky: dict[str, int] = field(default_factory=dict, repr=False)  # model -> failures sent
+
+    def flaky_failure(self, model: str, failures: int) -> bool:
+        """Whether this request of a `flaky=N` model is one of its first N (and so fails)."""
+        sent = self._flaky.get(model, 0)
+        if sent >= failures:
+            return False
+        self._flaky[model] = sent + 1
+        return True
 
     def report(self) -> dict[str, Any]:
         return {name: value for name, value in asdict(self).items() if not name.startswith("_")}
@@ -214,6 +235,7 @@ class SimulatorStats:
         """Zero everything but `open`, which counts live requests."""
         self.completed = self.cancelled = self.reset = self.total = self.connections = 0
         self._peers.clear()
+        self._flaky.clear()
         self.peak_open = self.open
         self.last_headers, self.last_body = {}, None
 
@@ -325,9 +347,30 @@ class _Completion:
         prefix = "chatcmpl" if job.kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        prompt, completion = job.prompt_tokens, job.faults.tokens
+        calls = job.faults.tool_calls if job.kind == "chat" else 0
+        self.arguments = [_arguments(call, job.faults.tokens) for call in range(calls)]
+        self.pieces = self._pieces()
+        prompt, completion = job.prompt_tokens, len(self.pieces)
         self.usage = {"prompt_tokens": prompt, "completion_tokens": completion}
         self.usage["total_tokens"] = prompt + completion
+        self.finish = "tool_calls" if self.arguments else "stop"
+
+    def _pieces(self) -> list[dict[str, Any]]:
+        """Each token's delta (chat) or text (completions), in order."""
+        if not self.arguments:
+            key = "content" if self.job.kind == "chat" else "text"
+            return [{key: _token(index)} for index in range(self.job.faults.tokens)]
+        pieces = []
+        for call, arguments in enumerate(self.arguments):
+            count = max(1, self.job.faults.tokens)
+            for n in range(count):
+                part = arguments[n * len(arguments) // count : (n + 1) * len(arguments) // count]
+                tool: dict[str, Any] = {"index": call, "function": {"arguments": part}}
+                if n == 0:
+                    tool |= {"id": f"call_{call}", "type": "function"}
+                    tool["function"]["name"] = f"tool_{call}"
+                pieces.append({"tool_calls": [tool]})
+        return pieces
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         chat = "chat.completion.chunk" if chunk else "chat.completion"
@@ -336,27 +379,48 @@ class _Completion:
         return head | {"system_fingerprint": None}
 
     def whole(self) -> dict[str, Any]:
-        text = "".join(_token(index) for index in range(self.job.faults.tokens))
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "stop"}
-        if self.job.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        return self._head(chunk=False) | {"choices": [choice], "usage": self.usage}
-
-    def chunk(self, index: int | None, finish: str | None = None) -> dict[str, Any]:
-        """The chunk carrying token `index`, or the final one (`index` None) with `finish`."""
-        text = "" if index is None else _token(index)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": self.finish}
+        text = "".join(str(piece.get("content", piece.get("text", ""))) for piece in self.pieces)
         if self.job.kind == "text":
             choice["text"] = text
+        elif self.arguments:
+            calls = [
+                {
+                    "id": f"call_{call}",
+                    "type": "function",
+                    "function": {"name": f"tool_{call}", "arguments": arguments},
+                }
+                for call, arguments in enumerate(self.arguments)
+            ]
+            choice["message"] = {"role": "assistant", "content": None, "refusal": None}
+            choice["message"]["tool_calls"] = calls
         else:
-            delta = {"role": "assistant"} if index == 0 else {}
-            choice["delta"] = delta | ({"content": text} if index is not None else {})
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        return self._head(chunk=False) | {"choices": [choice], "usage": self.usage}
+
+    def role_chunk(self) -> dict[str, Any]:
+        """What OpenAI sends first, at once: a role and no content (not a token)."""
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        return self._head(chunk=True) | {"choices": [choice | {"logprobs": None}]}
+
+    def chunk(self, index: int | None) -> dict[str, Any]:
+        """The chunk carrying token `index`, or the final one (`index` None)."""
+        finish = self.finish if index is None else None
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        piece = {} if index is None else self.pieces[index]
+        if self.job.kind == "text":
+            choice["text"] = piece.get("text", "")
+        else:
+            choice["delta"] = piece
         return self._head(chunk=True) | {"choices": [choice]}
 
     def usage_chunk(self) -> dict[str, Any]:
         return self._head(chunk=True) | {"choices": [], "usage": self.usage}
+
+
+def _arguments(call: int, tokens: int) -> str:
+    words = "".join(_token(index) for index in range(tokens))
+    return json.dumps({"call": call, "words": words})
 
 
 def _token(index: int) -> str:
@@ -426,12 +490,18 @@ async def _stream(send: Send, job: _Job) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     if faults.malformed == "sse":
         await _send_part(send, b"data: {not json}\n\n")
-    for index in range(faults.tokens):
-        await _interrupt(send, faults, sent=index, last=faults.tokens, stream=True)
+    last = len(completion.pieces)
+    await _interrupt(send, faults, sent=0, last=last, stream=True)  # hang=body, reset=after-headers
+    if job.kind == "chat":
+        await _send_event(send, completion.role_chunk())
+    for index in range(last):
+        if index:
+            await _interrupt(send, faults, sent=index, last=last, stream=True)
         await _wait(send, faults.gap_ms if index else faults.ttft_ms, faults.keepalive_ms)
         await _send_event(send, completion.chunk(index))
-    await _interrupt(send, faults, sent=faults.tokens, last=faults.tokens, stream=True)
-    await _send_event(send, completion.chunk(None, finish="stop"))
+    if last:
+        await _interrupt(send, faults, sent=last, last=last, stream=True)
+    await _send_event(send, completion.chunk(None))
     if job.include_usage:
         await _send_event(send, completion.usage_chunk())
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
@@ -456,7 +526,10 @@ async def _produce(send: Send, job: _Job) -> None:
     elif job.stream:
         await _stream(send, job)
     else:
-        await _send_whole(send, faults, _Completion(job).whole())
+        completion = _Completion(job)  # generated whole before any of it is sent
+        steps = max(0, len(completion.pieces) - 1)
+        await anyio.sleep((faults.ttft_ms + steps * faults.gap_ms) / 1000)
+        await _send_whole(send, faults, completion.whole())
 
 
 async def _with_connection_close(send: Send, message: Message) -> None:
@@ -539,6 +612,9 @@ class _Endpoint:
         except _BadRequest as exc:
             await _send_json(send, 400, exc.envelope)
             return
+        flaky = job.faults.flaky
+        if flaky is not None and not self._stats.flaky_failure(job.model, flaky):
+            job = replace(job, faults=replace(job.faults, status=None))  # recovered
         await _produce(send, job)
 
 

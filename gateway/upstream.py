@@ -12,6 +12,9 @@ scope of the request's deadline (a read timeout would be a per-read idle gap, no
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import socket
 from collections import deque
 
@@ -20,24 +23,32 @@ import anyio
 
 from gateway.config import UpstreamConfig
 from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamFailed
+from gateway.resilience.outlier import OutlierDetector
 from gateway.sse import SSEProtocolError
+
+_RATE_WINDOW = 64  # recent slot releases that estimate a full queue's Retry-After
 
 # What aiohttp's socket_factory is given: getaddrinfo()'s (family, type, proto, name, address).
 _AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
 
 
 class Bulkhead:
+    """At most `limit` holders; waiters served earliest deadline first (a request with 2 s
+    left goes before one with 60 s left), at most `max_pending` of them."""
+
     def __init__(self, *, limit: int, max_pending: int) -> None:
         self.limit = limit
         self.max_pending = max_pending
         self.active = 0
-        self._waiters: deque[anyio.Event] = deque()
+        self._waiters: list[tuple[float, int, anyio.Event]] = []  # a heap by deadline
+        self._order = itertools.count()  # equal deadlines: first come, first served
+        self._released: deque[float] = deque(maxlen=_RATE_WINDOW)  # when slots freed
 
     @property
     def pending(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, deadline: float = math.inf) -> None:
         """Take a slot, waiting in line if all are busy; shed at once if the line is full."""
         if self.active < self.limit and not self._waiters:
             self.active += 1
@@ -46,23 +57,35 @@ class Bulkhead:
             raise Overloaded(
                 "The upstream is at its connection limit and its queue is full.",
                 code="upstream_saturated",
+                retry_after_s=self._retry_after(),
             )
         turn = anyio.Event()
-        self._waiters.append(turn)
+        entry = (deadline, next(self._order), turn)
+        heapq.heappush(self._waiters, entry)
         try:
             await turn.wait()
         except BaseException:
             if turn.is_set():  # the slot was handed over as we were cancelled: pass it on
                 self.release()
             else:
-                self._waiters.remove(turn)
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
             raise
 
     def release(self) -> None:
+        self._released.append(anyio.current_time())
         if self._waiters:
-            self._waiters.popleft().set()  # hand the slot straight to the next in line
+            heapq.heappop(self._waiters)[2].set()  # hand the slot straight to the next in line
         else:
             self.active -= 1
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the queue has likely moved on, from how fast slots free up."""
+        if len(self._released) < 2:
+            return 1
+        span = anyio.current_time() - self._released[0]
+        per_s = len(self._released) / span if span > 0 else math.inf
+        return max(1, min(60, math.ceil((self.pending + 1) / per_s)))
 
 
 class Upstream:
@@ -70,6 +93,7 @@ class Upstream:
         self.config = config
         self.name = config.name
         self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
+        self.outlier = OutlierDetector(config.outlier)
         self._base = config.base_url.rstrip("/") + "/"
         self._auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._session: aiohttp.ClientSession | None = None

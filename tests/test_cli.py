@@ -154,6 +154,11 @@ def test_serve_without_config_runs_the_demo(tmp_path: Path) -> None:
             client.chat.completions.create(model="demo-hang", messages=CHAT)
         assert caught.value.status_code == 504
         assert time.monotonic() - started < 3 + 2  # the demo route's total_s, with slack
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:  # the README's table, not streaming
+            client.chat.completions.create(model="demo-stall", messages=CHAT)
+        assert caught.value.code == "upstream_idle_timeout"
+        assert time.monotonic() - started < 2 + 2
         client.close()
     # The fast loop and parser are installed with the gateway, used, and named at start-up.
     assert "serving with event loop uvloop and HTTP parser httptools" in served.output

@@ -16,6 +16,8 @@ from gateway.config import (
     Config,
     ConfigError,
     DeadlineConfig,
+    Hedge,
+    RetryBudget,
     RetryPolicy,
     Route,
     ServerConfig,
@@ -36,6 +38,9 @@ MINIMAL: dict[object, Any] = {
     "upstreams": [{"name": "openai", "base_url": "https://api.openai.com/v1"}],
     "routes": [{"model": "gpt-4o", "targets": [{"upstream": "openai"}]}],
 }
+
+
+TWO_TARGETS = [{"upstream": "openai", "model": "a"}, {"upstream": "openai", "model": "b"}]
 
 
 def config_with(
@@ -107,8 +112,12 @@ def test_full_example_from_design_loads() -> None:
                 retry=RetryPolicy(
                     attempts=3,
                     backoff_s=0.2,
-                    retry_on=frozenset({"connect", "ttft", 429, 500, 502, 503, 504}),
+                    retry_on=frozenset({"connect", "ttft", "idle", 429, 500, 502, 503, 504}),
+                    min_attempt_s=0.1,
                 ),
+                retry_budget=RetryBudget(ratio=0.2, min_per_s=3),
+                hedge=Hedge(after_s=0.5),
+                upstream_stream=True,
             ),
         ),
     )
@@ -296,6 +305,42 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
             'routes[0].budget.attempt_s: must be a number of seconds > 0 (got "12s")',
         ),
         (
+            {"retry": {"min_attempt_s": -1}},
+            "routes[0].retry.min_attempt_s: must be a number of seconds >= 0 (got -1)",
+        ),
+        (
+            {"route": {"retry_budget": {"ratio": 1.5}}},
+            "routes[0].retry_budget.ratio: must be a number from 0 to 1 (got 1.5)",
+        ),
+        (
+            {"route": {"retry_budget": {"min_per_s": "3"}}},
+            'routes[0].retry_budget.min_per_s: must be a number from 0 to 1e+06 (got "3")',
+        ),
+        (
+            {"route": {"targets": TWO_TARGETS, "hedge": {}}},
+            "routes[0].hedge.after_s: set exactly one of after_s and after_percentile",
+        ),
+        (
+            {"route": {"targets": TWO_TARGETS, "hedge": {"after_percentile": 100}}},
+            "routes[0].hedge.after_percentile: must be a number from 1 to 99.9 (got 100)",
+        ),
+        (
+            {"route": {"targets": TWO_TARGETS, "hedge": {"after_s": 0.5, "when": 1}}},
+            "routes[0].hedge.when: unknown key",
+        ),
+        (
+            {"route": {"upstream_stream": "yes"}},
+            'routes[0].upstream_stream: must be true or false (got "yes")',
+        ),
+        (
+            {"upstream": {"outlier": {"consecutive_failures": 0}}},
+            "upstreams[0].outlier.consecutive_failures: must be a positive integer (got 0)",
+        ),
+        (
+            {"upstream": {"outlier": {"base_ejection_s": 20, "max_ejection_s": 10}}},
+            "upstreams[0].outlier.max_ejection_s: must be at least base_ejection_s (20)",
+        ),
+        (
             {"retry": {"backoff_s": -0.1}},
             "routes[0].retry.backoff_s: must be a number of seconds >= 0 (got -0.1)",
         ),
@@ -403,7 +448,7 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
         *[
             (
                 {"retry": {"retry_on": ["connect", item]}},
-                "routes[0].retry.retry_on[1]: must be one of connect, protocol, ttft"
+                "routes[0].retry.retry_on[1]: must be one of connect, idle, protocol, ttft"
                 f" or an HTTP status 400..599 (got {shown})",
             )
             for item, shown in [
@@ -603,11 +648,15 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
             "server: max_body_bytes=8388608 deadline.max_s=600 margin_s=0.05 client_headers=true",
             "auth: 1 key (team-a)",
             "upstream openai  https://api.openai.com/v1  api_key=***  max_connections=64"
-            " max_pending=256 connect_s=2 keepalive_expiry_s=30",
+            " max_pending=256 connect_s=2 keepalive_expiry_s=30  outlier consecutive_failures=5"
+            " base_ejection_s=10 max_ejection_s=300",
             "upstream vllm  http://vllm:8000/v1  api_key=none  max_connections=64"
-            " max_pending=256 connect_s=2 keepalive_expiry_s=30",
+            " max_pending=256 connect_s=2 keepalive_expiry_s=30  outlier consecutive_failures=5"
+            " base_ejection_s=10 max_ejection_s=300",
             "route gpt-4o  budget total_s=20 ttft_s=8 idle_s=5 attempt_s=12"
-            "  retry attempts=3 backoff_s=0.2 on=[connect, ttft, 429, 500, 502, 503, 504]",
+            "  retry attempts=3 backoff_s=0.2 on=[connect, idle, ttft, 429, 500, 502, 503, 504]"
+            " min_attempt_s=0.1  retry_budget ratio=0.2 min_per_s=3  hedge=after_s=0.5"
+            "  upstream_stream=true",
             "  1. openai -> gpt-4o-2024-08-06",
             "  2. vllm -> meta-llama/Llama-3.1-8B-Instruct (fallback)",
         ]

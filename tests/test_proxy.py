@@ -64,7 +64,13 @@ def test_the_upstream_gets_the_clients_values_exactly(
     body = b'{"model": "gpt-x", "messages": [], "seed": 123456789012345678901234567890}'
     assert post(server, "/v1/chat/completions", content=body).status_code == 200
     sent = simulator.stats()["last_body"]
-    assert sent == {"model": "sim@tokens=1", "messages": [], "seed": 123456789012345678901234567890}
+    assert sent == {
+        "model": "sim@tokens=1",
+        "messages": [],
+        "seed": 123456789012345678901234567890,
+        "stream": True,  # asked as a stream, so the stream guards apply (tests/test_resilience.py)
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def test_upstream_key_from_config_replaces_the_clients(
@@ -240,10 +246,18 @@ def test_refused_connection_is_502(gateway: GatewayFactory) -> None:
 
 @pytest.mark.parametrize(
     ("target", "stream"),
-    [("sim@malformed=json", False), ("sim@malformed=sse", True), ("sim@reset=after-headers", True)],
+    [
+        ("sim@malformed=json", False),  # a whole body (the route below does not stream upstream)
+        ("sim@malformed=sse", False),  # streamed upstream, assembled
+        ("sim@malformed=sse", True),
+        ("sim@reset=after-headers", True),
+        ("sim@reset=after-2", False),
+    ],
 )
 def test_upstream_garbage_is_502(gateway: GatewayFactory, target: str, stream: bool) -> None:
-    server = gateway(one_route(target_model=target))
+    data = one_route(target_model=target)
+    data["routes"][0]["upstream_stream"] = "json" not in target
+    server = gateway(data)
     body = {"model": "m", "messages": CHAT, "stream": stream}
     assert_error(post(server, "/v1/chat/completions", json=body), 502, "upstream_protocol_error")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import Config, RetryPolicy, Route, Target
+from gateway.config import Config, Route, Target
 from gateway.errors import (
     BudgetExceeded,
     GatewayError,
@@ -13,7 +13,7 @@ from gateway.errors import (
     UpstreamFailed,
     UpstreamStatus,
 )
-from gateway.routing import Router, attempt_plan, failure_condition
+from gateway.routing import Router, failure_condition, upstreams_fault
 
 A, B = Target(upstream="a", model="x"), Target(upstream="b", model="y")
 
@@ -29,11 +29,6 @@ def test_router_finds_routes_and_names_the_missing_model() -> None:
     assert "other" in caught.value.message
 
 
-def test_attempt_plan_tries_each_target_in_order_with_its_retries() -> None:
-    route = Route(model="gpt", targets=(A, B), retry=RetryPolicy(attempts=2))
-    assert list(attempt_plan(route)) == [(A, 1), (A, 2), (B, 1), (B, 2)]
-
-
 @pytest.mark.parametrize(
     ("failure", "condition"),
     [
@@ -45,8 +40,30 @@ def test_attempt_plan_tries_each_target_in_order_with_its_retries() -> None:
         (BudgetExceeded("ttft", "x"), "ttft"),
         (BudgetExceeded("attempt", "x"), "ttft"),
         (Overloaded("x", code="upstream_saturated"), 503),
-        (BudgetExceeded("idle", "x"), None),
+        (BudgetExceeded("idle", "x"), "idle"),
+        (BudgetExceeded("total", "x"), None),
     ],
 )
 def test_failure_conditions(failure: GatewayError, condition: str | int | None) -> None:
     assert failure_condition(failure) == condition
+
+
+@pytest.mark.parametrize(
+    ("failure", "client_gap", "fault"),
+    [
+        (UpstreamStatus(503, b"", {}), False, True),
+        (UpstreamStatus(429, b"", {}), False, False),  # it is pacing us, not broken
+        (UpstreamFailed("x", code="upstream_connect_error"), False, True),
+        (UpstreamFailed("x", code="upstream_protocol_error"), False, True),
+        (BudgetExceeded("connect", "x"), False, True),
+        (BudgetExceeded("ttft", "x"), False, True),
+        (BudgetExceeded("ttft", "x"), True, False),  # the client's read timeout was shorter
+        (BudgetExceeded("idle", "x"), False, True),
+        (BudgetExceeded("total", "x"), False, False),  # the deadline: the caller's
+        (Overloaded("x", code="upstream_saturated"), False, False),  # our own queue
+    ],
+)
+def test_which_failures_count_against_an_upstream(
+    failure: GatewayError, client_gap: bool, fault: bool
+) -> None:
+    assert upstreams_fault(failure, client_gap=client_gap) is fault

@@ -186,7 +186,8 @@ async def test_chat_stream(sdk: openai.AsyncOpenAI, http: httpx2.AsyncClient) ->
     )
     chunks = [chunk async for chunk in stream]
     tokens = [choice.delta.content for chunk in chunks for choice in chunk.choices]
-    assert tokens == [*(f"tok{i} " for i in range(5)), None]
+    assert tokens == ["", *(f"tok{i} " for i in range(5)), None]  # OpenAI's role-only chunk first
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == []
@@ -397,8 +398,9 @@ async def test_keepalives_while_waiting_for_the_first_token(http: httpx2.AsyncCl
     request = {"model": "sim@ttft-ms=400,keepalive-ms=100,tokens=1", "stream": True}
     async with http.stream("POST", "/v1/chat/completions", json=request) as response:
         lines = [line async for line in response.aiter_lines() if line]
-    first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
-    assert lines[:first_data] == [": keep-alive"] * 3  # at 100, 200 and 300 ms
+    assert '"role": "assistant"' in lines[0]  # the role-only chunk comes at once
+    first_token = next(i for i, line in enumerate(lines) if "tok0" in line)
+    assert lines[1:first_token] == [": keep-alive"] * 3  # at 100, 200 and 300 ms
     assert lines[-1] == "data: [DONE]"
     await stats_when(http, settled(completed=1))
 
@@ -412,11 +414,11 @@ async def test_hang_after_tokens_counts_the_disconnect(
     )
     chunks = stream.__aiter__()
     with anyio.fail_after(5):
-        tokens = [(await anext(chunks)).choices[0].delta.content for _ in range(2)]
+        tokens = [(await anext(chunks)).choices[0].delta.content for _ in range(3)]
     with anyio.move_on_after(0.3) as waited:
         await anext(chunks)
     await stream.close()
-    assert tokens == ["tok0 ", "tok1 "]
+    assert tokens == ["", "tok0 ", "tok1 "]
     assert waited.cancelled_caught
     stats = await stats_when(http, settled(cancelled=1))
     assert stats["completed"] == 0
@@ -432,7 +434,7 @@ async def test_reset_mid_stream(sdk: openai.AsyncOpenAI, http: httpx2.AsyncClien
         await collect_tokens(stream, tokens)
     await stream.close()
     assert isinstance(caught.value.__cause__, httpx2.RemoteProtocolError)
-    assert tokens == ["tok0 "]
+    assert tokens == ["", "tok0 "]
     stats = await stats_when(http, settled(reset=1))
     assert (stats["completed"], stats["cancelled"]) == (0, 0)
 

@@ -114,3 +114,49 @@ def test_our_own_timeouts_are_never_taken_for_transport_errors() -> None:
     library's own classes may be mapped, or an idle timeout would become a 502."""
     assert not isinstance(BudgetExceeded("idle", "x"), UPSTREAM_ERRORS)
     assert isinstance(aiohttp.ConnectionTimeoutError("t"), UPSTREAM_ERRORS)
+
+
+async def test_waiters_are_served_earliest_deadline_first() -> None:
+    bulkhead = Bulkhead(limit=1, max_pending=5)
+    await bulkhead.acquire()
+    order: list[float] = []
+
+    async def wait(deadline: float) -> None:
+        await bulkhead.acquire(deadline)
+        order.append(deadline)
+        bulkhead.release()
+
+    async with anyio.create_task_group() as group:
+        for deadline in (60.0, 2.0, 30.0, 2.0):
+            group.start_soon(wait, deadline)
+            await anyio.wait_all_tasks_blocked()
+        bulkhead.release()
+    assert order == [2.0, 2.0, 30.0, 60.0]
+    assert (bulkhead.active, bulkhead.pending) == (0, 0)
+
+
+async def test_a_full_queue_estimates_when_a_slot_frees() -> None:
+    bulkhead = Bulkhead(limit=1, max_pending=3)
+    for _ in range(10):  # ten slots freed within a few milliseconds: a fast queue
+        await bulkhead.acquire()
+        bulkhead.release()
+    await bulkhead.acquire()
+
+    async def wait() -> None:
+        await bulkhead.acquire()
+
+    with anyio.move_on_after(1):
+        async with anyio.create_task_group() as group:
+            for _ in range(3):
+                group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(Overloaded) as caught:
+                await bulkhead.acquire()
+            group.cancel_scope.cancel()
+    assert caught.value.retry_after_s == 1  # moves fast: the floor, not a constant guess
+    slow = Bulkhead(limit=1, max_pending=0)
+    slow._released.extend([0.0, anyio.current_time()])  # two releases, far apart
+    await slow.acquire()
+    with pytest.raises(Overloaded) as caught:
+        await slow.acquire()
+    assert caught.value.retry_after_s > 1
