@@ -296,9 +296,12 @@ class Setup:
         ]
         return ServerSpec("nginx", command, f"http://{HOST}:{port}", "/healthz")
 
-    def gateway(self, workers: int) -> ServerSpec:
-        config = self.tmp / "gateway.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(self.upstream_url), sort_keys=False))
+    def gateway(self, workers: int, *, metrics: bool = True) -> ServerSpec:
+        """The gateway; without metrics too, so their cost per request is measured."""
+        config = self.tmp / f"gateway-{'metrics' if metrics else 'bare'}.yaml"
+        data = gateway_config(self.upstream_url)
+        data["server"] = {"metrics": metrics}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
         port = free_port()
         command = gateway_command(
             "serve",
@@ -311,7 +314,8 @@ class Setup:
             "--log-level",
             "warning",
         )
-        return ServerSpec(f"gateway w{workers}", command, f"http://{HOST}:{port}", "/readyz")
+        name = f"gateway w{workers}" + ("" if metrics else " no-metrics")
+        return ServerSpec(name, command, f"http://{HOST}:{port}", "/readyz")
 
 
 def via_direct(upstream: Server) -> Via:
@@ -875,6 +879,7 @@ async def main_phase(run: Run, tmp: Path, servers: dict[str, Server]) -> None:
     upstream = servers["fast upstream"]
     vias = [via_direct(upstream), via_proxy(servers["nginx"], gateway=False)]
     vias += [via_proxy(servers[f"gateway w{w}"], gateway=True) for w in (1, 2)]
+    vias.append(via_proxy(servers["gateway w1 no-metrics"], gateway=True))  # throughput only
     targets = {via.name: Target(via.url) for via in vias}
     try:
         progress("checking answers and warming up ...")
@@ -897,8 +902,9 @@ def run_all(run: Run, tmp: Path) -> None:
     setup = Setup(tmp)
     progress("starting the fast upstream ...")
     with run_servers([setup.upstream()]) as (upstream,):
-        progress("starting nginx and the gateway with 1 and 2 workers ...")
-        with run_servers([setup.nginx(), setup.gateway(1), setup.gateway(2)]) as started:
+        progress("starting nginx and the gateway with 1 and 2 workers, and without metrics ...")
+        gateways = [setup.gateway(1), setup.gateway(2), setup.gateway(1, metrics=False)]
+        with run_servers([setup.nginx(), *gateways]) as started:
             servers = {s.name: s for s in [upstream, *started]}
             uvloop.run(main_phase(run, tmp, servers))
         stalls: dict[str, Any] = {

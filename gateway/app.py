@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -17,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.config import Config
 from gateway.errors import GatewayError, InternalError, envelope
 from gateway.inflight import Inflight
+from gateway.observability import metrics
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
 from gateway.simulator import create_simulator_app
@@ -31,6 +33,7 @@ PROXIED_PATHS = ("chat/completions", "completions", "embeddings")
 def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
     """The gateway for `config`; `with_simulator` also serves the simulator (the demo)."""
     upstreams = {spec.name: Upstream(spec) for spec in config.upstreams}
+    metrics.enable(config.server.metrics)
     gateway = Gateway(
         config=config, router=Router(config), upstreams=upstreams, inflight=Inflight()
     )
@@ -51,6 +54,17 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         ready = getattr(request.app.state, "ready", False)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    async def scrape(request: Request) -> Response:
+        if not config.server.metrics:
+            raise HTTPException(404)
+        metrics.sample(
+            gateway.inflight.exchanges(),
+            upstreams,
+            now=anyio.current_time(),
+            stall_s=config.server.stall_warn_s,
+        )
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
     async def inflight(request: Request) -> Response:
         gateway.authenticate(request.headers)  # it lists request ids and routes
         pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
@@ -65,6 +79,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/debug/inflight", inflight, methods=["GET"]),
+        Route("/metrics", scrape, methods=["GET"]),
     ]
     if with_simulator:
         routes.append(Mount(SIMULATOR_PREFIX, app=create_simulator_app()))
@@ -77,7 +92,11 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
             await upstream.open()
         app.state.ready = True
         try:
-            yield
+            async with anyio.create_task_group() as group:
+                if config.server.metrics:  # gauges rise while a request hangs, not after it
+                    group.start_soon(_sample_every_second, gateway, config.server.stall_warn_s)
+                yield
+                group.cancel_scope.cancel()
         finally:
             app.state.ready = False
             for upstream in upstreams.values():
@@ -112,6 +131,17 @@ class GatewayApp:
                 await endpoint(scope, receive, send)
                 return
         await self.starlette(scope, receive, send)
+
+
+async def _sample_every_second(gateway: Gateway, stall_s: float) -> None:
+    while True:
+        metrics.sample(
+            gateway.inflight.exchanges(),
+            gateway.upstreams,
+            now=anyio.current_time(),
+            stall_s=stall_s,
+        )
+        await anyio.sleep(1)
 
 
 def _error_response(error: GatewayError) -> Response:

@@ -7,13 +7,17 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
 
 from gateway.app import SIMULATOR_PREFIX, GatewayApp, create_app
-from gateway.config import ConfigError, describe_config, load_config
+from gateway.config import LOG_FORMATS, ConfigError, describe_config, load_config
 from gateway.demo import demo_config, demo_models
+from gateway.observability import logs, metrics
 from gateway.simulator import create_simulator_app
 
 DEFAULT_CONFIG = Path("gateway.yaml")
@@ -21,6 +25,7 @@ DEFAULT_CONFIG = Path("gateway.yaml")
 _CONFIG_ENV = "LLM_GATEWAY_SERVE_CONFIG"
 _DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
 _LOG_LEVEL_ENV = "LLM_GATEWAY_SERVE_LOG_LEVEL"
+_LOG_FORMAT_ENV = "LLM_GATEWAY_SERVE_LOG_FORMAT"
 _GRACEFUL_SHUTDOWN_S = 10
 _DEMO_BODY = '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
 
@@ -42,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text or json (default: server.log_format)"
+    )
+    serve.add_argument(
+        "--access-log", action="store_true", help="also uvicorn's own access line per request"
+    )
     check = commands.add_parser("check-config", help="validate a config and print its routes")
     check.add_argument("file", type=Path)
     simulate = commands.add_parser("simulate", help="run the fault-injecting upstream simulator")
@@ -55,33 +66,54 @@ def _serve(args: argparse.Namespace) -> int:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
+    log_format = args.log_format
     if path is not None:
         try:
-            load_config(path)  # fail here, once, with every error, before any worker starts
+            config = load_config(path)  # fail here, once, with every error, before any worker
         except ConfigError as error:
             _print_errors(path, error)
             return 1
         os.environ[_CONFIG_ENV] = str(path.resolve())
+        log_format = log_format or config.server.log_format
     else:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         base = f"http://{host}:{args.port}"
         os.environ[_DEMO_URL_ENV] = f"{base}{SIMULATOR_PREFIX}/v1"
         _print_demo_banner(base)
     os.environ[_LOG_LEVEL_ENV] = args.log_level
-    _configure_logging(args.log_level)
+    os.environ[_LOG_FORMAT_ENV] = log_format = log_format or "text"
+    logs.configure(args.log_level, log_format)
     loop, http = _server_stack()
-    uvicorn.run(
-        "gateway.cli:app_factory",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        loop=loop,
-        http=http,
-        timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
-    )
+    with _metrics_shared_by(args.workers):
+        uvicorn.run(
+            "gateway.cli:app_factory",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+            log_config=None,  # ours, in the chosen format
+            access_log=args.access_log,  # the gateway logs each request once, itself
+            loop=loop,
+            http=http,
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        )
     return 0
+
+
+@contextmanager
+def _metrics_shared_by(workers: int) -> Iterator[None]:
+    """With several workers, each records into files of one directory that every scrape
+    adds up (prometheus_client's multiprocess mode); the directory lives as long as serve."""
+    if workers < 2 or os.environ.get(metrics.MULTIPROC_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="llm-gateway-metrics-") as directory:
+        os.environ[metrics.MULTIPROC_ENV] = directory
+        try:
+            yield
+        finally:
+            del os.environ[metrics.MULTIPROC_ENV]
 
 
 def _server_stack() -> tuple[str, str]:
@@ -94,7 +126,8 @@ def _server_stack() -> tuple[str, str]:
 
 def app_factory() -> GatewayApp:
     """Build the app in a server process from what `serve` decided."""
-    _configure_logging(os.environ.get(_LOG_LEVEL_ENV, "info"))  # worker processes start bare
+    level = os.environ.get(_LOG_LEVEL_ENV, "info")
+    logs.configure(level, os.environ.get(_LOG_FORMAT_ENV, "text"))  # worker processes start bare
     path = os.environ.get(_CONFIG_ENV)
     if path is not None:
         return create_app(load_config(path))
@@ -112,7 +145,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
+    logs.configure(args.log_level, "text")
     loop, http = _server_stack()
     uvicorn.run(
         create_simulator_app(),
@@ -140,12 +173,6 @@ def _print_demo_banner(base: str) -> None:
         f"  curl {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model": "demo", "messages": [{{"role": "user", "content": "hi"}}]}}\'',
         flush=True,
-    )
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
 
 # Conditions a route may retry on: transport-level ones by name, HTTP statuses by number.
 RETRY_CONDITIONS = frozenset({"connect", "ttft", "idle", "protocol"})
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,9 @@ class ServerConfig:
 
     max_body_bytes: int = 8 * 1024 * 1024
     deadline: DeadlineConfig = field(default_factory=DeadlineConfig)
+    stall_warn_s: float = 10.0  # in flight this long without a token: a stalled request
+    log_format: str = "text"  # or "json"
+    metrics: bool = True  # record metrics and serve /metrics
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,9 +232,20 @@ def _read_server(r: Reader) -> ServerConfig:
         d.error("margin_s", f"must be less than max_s ({_num(max_s)})")
     client_headers = d.boolean("client_headers", default.deadline.client_headers)
     d.unknown_keys()
+    stall_warn_s = r.seconds("stall_warn_s", default.stall_warn_s)
+    log_format = r.optional_text("log_format") or default.log_format
+    if log_format not in LOG_FORMATS:
+        r.error("log_format", f"must be text or json (got {log_format!r})")
+    metrics = r.boolean("metrics", default.metrics)
     r.unknown_keys()
     deadline = DeadlineConfig(max_s=max_s, margin_s=margin_s, client_headers=client_headers)
-    return ServerConfig(max_body_bytes=max_body_bytes, deadline=deadline)
+    return ServerConfig(
+        max_body_bytes=max_body_bytes,
+        deadline=deadline,
+        stall_warn_s=stall_warn_s,
+        log_format=log_format,
+        metrics=metrics,
+    )
 
 
 def _read_auth(r: Reader) -> AuthConfig:
@@ -416,7 +431,9 @@ def describe_config(config: Config) -> str:
     lines = [
         f"server: max_body_bytes={config.server.max_body_bytes} "
         f"deadline.max_s={_num(deadline.max_s)} margin_s={_num(deadline.margin_s)} "
-        f"client_headers={str(deadline.client_headers).lower()}"
+        f"client_headers={str(deadline.client_headers).lower()} "
+        f"stall_warn_s={_num(config.server.stall_warn_s)} log_format={config.server.log_format} "
+        f"metrics={str(config.server.metrics).lower()}"
     ]
     if config.auth is None:
         lines.append("auth: none (open access)")

@@ -15,6 +15,21 @@ from gateway.deadline import RequestBudget
 Phase = Literal["queued", "connecting", "waiting_first_token", "streaming", "done"]
 
 
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One attempt of a request, for the metrics and logs written when the request ends."""
+
+    upstream: str
+    model: str
+    queued_at: float
+    started: float = 0.0  # got its slot
+    outcome: str = ""  # "ok", an error code, or "cancelled"
+    cancel_reason: str | None = None  # client_disconnect, deadline or hedge_lost
+    ended: float = 0.0
+    ttft_s: float | None = None  # from the slot to the first token
+    max_gap_s: float | None = None  # streams: the longest gap between content events
+
+
 @dataclass(eq=False, kw_only=True)
 class Exchange:
     """What one request has done so far; the relay moves it along, the proxy reads it."""
@@ -34,6 +49,10 @@ class Exchange:
     upstream_s: float | None = None  # request sent until upstream response headers
     ttft_s: float | None = None  # arrival until the first content event
     last_content_at: float | None = None
+    attempt_log: list[Attempt] = field(default_factory=list)
+    backoff_s: float = 0.0  # slept between attempts
+    usage: dict[str, Any] | None = None  # the upstream's token counts, when it reported them
+    trace_id: str | None = None  # from the client's W3C traceparent
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason)
     hedge: str | None = None  # not_needed, fired, won or lost
     # The cancel scope the request is running in, if any: a disconnect cancels it.
@@ -83,6 +102,9 @@ class Inflight:
             yield exchange
         finally:
             self._exchanges.discard(exchange)
+
+    def exchanges(self) -> list[Exchange]:
+        return list(self._exchanges)
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = anyio.current_time()

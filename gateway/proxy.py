@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,12 @@ from gateway.errors import (
     RequestTooLarge,
 )
 from gateway.inflight import Exchange, Inflight, new_request_id
+from gateway.observability import logs, metrics
+from gateway.observability.metrics import enabled as metrics_enabled
 from gateway.relay import Relay
 from gateway.responses import ClientGone, ResponseWriter
 from gateway.routing import Router
 from gateway.upstream import Upstream
-
-log = logging.getLogger("gateway.access")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,8 @@ class ProxyEndpoint:
         try:
             await self._serve(arrival, headers, request_id, receive, writer)
         except Exception:  # a bug: still one envelope, one access line, one traceback
-            log.exception("request_id=%s unexpected error", request_id)
-            _log_line(request_id, self.path, "-", 500, "internal_error", arrival)
+            logging.getLogger("gateway").exception("request_id=%s unexpected error", request_id)
+            _finish(request_id, self.path, 500, "internal_error", arrival)
             if not writer.started:
                 error = InternalError("Internal gateway error.", code="internal_error")
                 with contextlib.suppress(ClientGone):
@@ -97,13 +98,15 @@ class ProxyEndpoint:
                 arrival, headers, receive, request_id
             )
         except GatewayError as error:
-            _log_line(request_id, self.path, "-", error.status, error.code, arrival)
+            _finish(request_id, self.path, error.status, error.code, arrival)
             timing = f"total;dur={(anyio.current_time() - arrival) * 1000:.1f}"
             await writer.error(error, {**reply_headers, "server-timing": timing})
             return
         except ClientGone:
-            _log_line(request_id, self.path, "-", 499, "client_disconnect", arrival)
+            _finish(request_id, self.path, 499, "client_disconnect", arrival)
             return
+        trace = trace_context(headers)
+        exchange.trace_id = trace_id(trace)
         relay = Relay(
             exchange=exchange,
             route=route,
@@ -114,6 +117,7 @@ class ProxyEndpoint:
             state=self.gateway.router.state(route),
             writer=writer,
             headers=reply_headers,
+            trace_headers=trace,
         )
         failure: GatewayError | None = None
         with self.gateway.inflight.track(exchange):
@@ -131,7 +135,7 @@ class ProxyEndpoint:
             outcome, status = failure.code, 200 if exchange.committed else failure.status
         else:
             outcome, status = "ok", 200
-        _log_line(request_id, self.path, exchange.route, status, outcome, arrival, exchange)
+        _finish(request_id, self.path, status, outcome, arrival, exchange, exchange.trace_id)
 
     async def _admit(
         self, arrival: float, headers: Headers, receive: Receive, request_id: str
@@ -220,6 +224,27 @@ async def _watch_disconnect(receive: Receive, exchange: Exchange) -> None:
             return
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_MAX_TRACESTATE = 512  # W3C: at most 32 members; a bound on what we pass on
+
+
+def trace_context(headers: Headers) -> dict[str, str]:
+    """The client's W3C `traceparent` (and `tracestate`), if well formed, to forward upstream."""
+    parent = headers.get("traceparent", "").strip()
+    if not _TRACEPARENT.fullmatch(parent):
+        return {}
+    context = {"traceparent": parent}
+    state = headers.get("tracestate", "")
+    if state and len(state) <= _MAX_TRACESTATE and state.isascii() and state.isprintable():
+        context["tracestate"] = state
+    return context
+
+
+def trace_id(context: Mapping[str, str]) -> str | None:
+    parent = context.get("traceparent")
+    return parent.split("-")[1] if parent else None
+
+
 def _request_id(headers: Headers) -> str:
     given = headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
@@ -227,19 +252,42 @@ def _request_id(headers: Headers) -> str:
     return new_request_id()
 
 
-def _log_line(
+def _finish(
     request_id: str,
     path: str,
-    route: str,
     status: int,
     outcome: str,
     arrival: float,
     exchange: Exchange | None = None,
+    trace: str | None = None,
 ) -> None:
-    elapsed_ms = (anyio.current_time() - arrival) * 1000
-    upstream = exchange.upstream if exchange else None
-    attempts = exchange.attempts if exchange else 0
-    log.info(
-        "request_id=%s path=/v1/%s route=%s status=%d outcome=%s upstream=%s attempts=%d ms=%.1f",
-        request_id, path, route, status, outcome, upstream or "-", attempts, elapsed_ms,
-    )  # fmt: skip
+    """The one place a request's end is recorded: its access line and its metrics."""
+    now = anyio.current_time()
+    route = exchange.route if exchange is not None else "-"
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "trace_id": trace,
+        "path": f"/v1/{path}",
+        "route": route,
+        "status": status,
+        "outcome": outcome,
+        "upstream": exchange.upstream if exchange else None,
+        "attempts": exchange.attempts if exchange else 0,
+        "ms": (now - arrival) * 1000,
+    }
+    if exchange is not None:
+        budget = exchange.budget
+        usage = exchange.usage or {}
+        fields |= {
+            "queue_ms": exchange.queue_s * 1000,
+            "upstream_ms": None if exchange.upstream_s is None else exchange.upstream_s * 1000,
+            "ttft_ms": None if exchange.ttft_s is None else exchange.ttft_s * 1000,
+            "budget_s": round(budget.deadline.at - arrival + budget.margin_s, 3),
+            "budget_source": budget.deadline.source,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "hedge": exchange.hedge,
+        }
+    logs.access(fields)
+    if metrics_enabled():
+        metrics.record_request(exchange, route=route, status=status, outcome=outcome, now=now)

@@ -39,7 +39,7 @@ from gateway.errors import (
     UpstreamFailed,
     UpstreamStatus,
 )
-from gateway.inflight import Exchange
+from gateway.inflight import Attempt, Exchange
 from gateway.openai_stream import Assembler, Kind, streamable
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
@@ -71,6 +71,7 @@ class Relay:
         state: RouteState,
         writer: ResponseWriter,
         headers: Mapping[str, str],
+        trace_headers: Mapping[str, str],
     ) -> None:
         self.exchange = exchange
         self.route = route
@@ -81,6 +82,7 @@ class Relay:
         self.upstreams = upstreams
         self.writer = writer
         self.headers = headers  # sent on every response: X-Request-Id
+        self.trace_headers = trace_headers  # the client's W3C trace context, for the upstream
         kind = _KINDS.get(path)
         # Assemble: the client wants a whole answer, the upstream is asked for a stream.
         self.assemble = (
@@ -156,6 +158,7 @@ class Relay:
                     ejected.append(upstream.outlier.retry_after(now))
                     break
                 if wait:
+                    exchange.backoff_s += wait
                     await anyio.sleep(wait)
                 following = route.targets[index + 1] if index + 1 < len(route.targets) else None
                 delay = self._hedge_delay(target) if number == 1 else None
@@ -251,20 +254,28 @@ class Relay:
         exchange.attempts += 1
         exchange.upstream = upstream.name
         exchange.phase = "queued"
-        queued_at = anyio.current_time()
-        await upstream.bulkhead.acquire(exchange.budget.deadline.at)
-        started = anyio.current_time()
+        record = Attempt(upstream.name, target.model, queued_at=anyio.current_time())
+        exchange.attempt_log.append(record)
         try:
-            exchange.queue_s += started - queued_at
-            attempt_end = started + exchange.budget.attempt_s
+            await upstream.bulkhead.acquire(exchange.budget.deadline.at)
+        except BaseException as error:
+            record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
+            record.cancel_reason = None if isinstance(error, GatewayError) else "queued"
+            record.ended = anyio.current_time()
+            raise
+        record.started = anyio.current_time()
+        try:
+            exchange.queue_s += record.started - record.queued_at
+            attempt_end = record.started + exchange.budget.attempt_s
             if attempt_end >= exchange.budget.deadline.at:  # the deadline comes first anyway
-                await self._exchange_with(upstream, target, started, race)
+                await self._exchange_with(upstream, target, record, race)
             else:
                 with anyio.CancelScope(deadline=attempt_end) as scope:
-                    await self._exchange_with(upstream, target, started, race)
+                    await self._exchange_with(upstream, target, record, race)
                 if scope.cancelled_caught:
                     raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
         except GatewayError as error:
+            record.outcome = error.code
             if upstreams_fault(error, client_gap=exchange.budget.client_gap):
                 upstream.outlier.failure(anyio.current_time())
             else:
@@ -272,31 +283,45 @@ class Relay:
             attempt_log.info(
                 "request_id=%s route=%s upstream=%s model=%s outcome=%s ms=%.1f",
                 exchange.request_id, self.route.model, upstream.name, target.model, error.code,
-                (anyio.current_time() - started) * 1000,
+                (anyio.current_time() - record.started) * 1000,
             )  # fmt: skip
             raise
         except BaseException:  # cancelled: the caller left, its deadline passed, a hedge won
+            record.outcome = "cancelled"
+            record.cancel_reason = self._cancel_reason(target, race)
             upstream.outlier.neutral()
             raise
         else:
             if race is None or race.winner == target:
+                record.outcome = "ok"
                 upstream.outlier.success()
             else:  # lost a hedge: it says nothing of the upstream
+                record.outcome, record.cancel_reason = "cancelled", "hedge_lost"
                 upstream.outlier.neutral()
         finally:
+            record.ended = anyio.current_time()
             upstream.bulkhead.release()
 
+    def _cancel_reason(self, target: Target, race: _Race | None) -> str:
+        if self.exchange.disconnected:
+            return "client_disconnect"
+        if race is not None and race.winner not in (None, target):
+            return "hedge_lost"
+        return "deadline"
+
     async def _exchange_with(
-        self, upstream: Upstream, target: Target, started: float, race: _Race | None
+        self, upstream: Upstream, target: Target, record: Attempt, race: _Race | None
     ) -> None:
         exchange = self.exchange
         budget = exchange.budget
+        started = record.started
         attempt_end = min(started + budget.attempt_s, budget.deadline.at)
         headers = {
             "content-type": "application/json",
             "accept": "application/json" if self.kind is None else "text/event-stream",
             "x-request-id": exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
+            **self.trace_headers,
         }
         if self.assemble:
             body = jsonbody.with_fields(self.body, self.payload, target.model, _STREAM_FIELDS)
@@ -328,7 +353,8 @@ class Relay:
                     code="upstream_protocol_error",
                 )
             now = anyio.current_time()
-            self.state.ttft[target].record(now, now - started)
+            record.ttft_s = now - started
+            self.state.ttft[target].record(now, record.ttft_s)
             if race is not None and not race.claim(target):
                 return  # the other attempt of a hedge had its token first
             exchange.upstream = upstream.name
@@ -336,9 +362,9 @@ class Relay:
             exchange.last_content_at = now
             exchange.phase = "streaming"
             if assembler is None:
-                await self._relay_stream(first, events)
+                await self._relay_stream(first, events, record)
             else:
-                await self._relay_assembled(assembler, events)
+                await self._relay_assembled(assembler, events, record)
         except UPSTREAM_ERRORS as exc:
             raise map_transport_error(exc) from exc
         finally:
@@ -363,7 +389,8 @@ class Relay:
 
     async def _relay_whole(self, response: aiohttp.ClientResponse) -> None:
         body = await response.read()
-        jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 the SDK chokes on
+        answer = jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 to choke on
+        self.exchange.usage = _usage(answer)
         self.exchange.ttft_s = anyio.current_time() - self.exchange.arrival
         content_type = response.headers.get("content-type", "application/json")
         await self._answer_whole(content_type, body)
@@ -372,7 +399,9 @@ class Relay:
         self.exchange.committed = self.exchange.finishing = True
         await self.writer.whole(200, self._success_headers(content_type), body)
 
-    async def _relay_stream(self, first: list[Event], events: ContentEvents) -> None:
+    async def _relay_stream(
+        self, first: list[Event], events: ContentEvents, record: Attempt
+    ) -> None:
         """Commit on the first token, then pass each chunk's events on as one write; `idle_s`
         bounds every gap, kept by one lazily re-armed timer, not a scope per event."""
         exchange = self.exchange
@@ -387,6 +416,7 @@ class Relay:
                     done = until_done(batch)
                     exchange.finishing = done is not None
                     if done is not None:
+                        exchange.usage = _stream_usage(batch)
                         await self.writer.body(done, more=False)
                         return
                     raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
@@ -396,12 +426,15 @@ class Relay:
                     batch = await events.next_batch()
             finally:
                 watchdog.stop()
+                record.max_gap_s = watchdog.max_gap
         if watchdog.fired:
             raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
         exchange.finishing = True
         await self.writer.body(b"", more=False)
 
-    async def _relay_assembled(self, assembler: Assembler, events: ContentEvents) -> None:
+    async def _relay_assembled(
+        self, assembler: Assembler, events: ContentEvents, record: Attempt
+    ) -> None:
         """Read the rest of the stream under `idle_s` (nothing is sent yet, so a stall can
         still fall over), then answer with the non-streaming body it adds up to."""
         exchange = self.exchange
@@ -413,6 +446,7 @@ class Relay:
                     exchange.last_content_at = watchdog.touch()
             finally:
                 watchdog.stop()
+                record.max_gap_s = watchdog.max_gap
         if watchdog.fired:
             raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-answer.")
         if not assembler.finished:
@@ -420,7 +454,9 @@ class Relay:
                 "The upstream's stream ended before the answer was complete.",
                 code="upstream_protocol_error",
             )
-        await self._answer_whole("application/json", jsonbody.dumps(assembler.result()))
+        answer = assembler.result()
+        exchange.usage = _usage(answer)
+        await self._answer_whole("application/json", jsonbody.dumps(answer))
 
     async def _answer_failure(self, failure: GatewayError) -> None:
         self.exchange.finishing = True  # the last words: a disconnect after them is normal
@@ -470,4 +506,21 @@ def _retry_after(failure: GatewayError | None) -> float | None:
     """Seconds an upstream's error answer asked us to wait before calling it again."""
     if isinstance(failure, UpstreamStatus):
         return asked_retry_after(failure.upstream_headers, time.time())
+    return None
+
+
+def _usage(answer: object) -> dict[str, Any] | None:
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _stream_usage(batch: list[Event]) -> dict[str, Any] | None:
+    """The usage a stream reports in its last chunk before [DONE] (include_usage), if any:
+    the one event of a relayed stream that is parsed after the first token."""
+    for event in reversed(batch):
+        if not event.is_done and event.data and b'"usage"' in event.data:
+            try:
+                return _usage(jsonbody.loads(event.data))
+            except ValueError:
+                return None
     return None

@@ -89,13 +89,19 @@ class IdleWatchdog:
         self._last = self._loop.time()
         self._timer = self._loop.call_at(self._last + idle_s, self._check)
         self.fired = False
+        self.max_gap = 0.0  # the longest gap between touches: a stream's worst stall
 
     def touch(self) -> float:
-        self._last = now = self._loop.time()
+        now = self._loop.time()
+        if now - self._last > self.max_gap:
+            self.max_gap = now - self._last
+        self._last = now
         return now
 
     def stop(self) -> None:
         self._timer.cancel()
+        if self.fired:
+            self.max_gap = max(self.max_gap, self._loop.time() - self._last)
 
     def _check(self) -> None:
         due = self._last + self._idle_s

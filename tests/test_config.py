@@ -305,6 +305,14 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
             'routes[0].budget.attempt_s: must be a number of seconds > 0 (got "12s")',
         ),
         (
+            {"server": {"log_format": "xml"}},
+            "server.log_format: must be text or json (got 'xml')",
+        ),
+        (
+            {"server": {"stall_warn_s": 0}},
+            "server.stall_warn_s: must be a number of seconds > 0 (got 0)",
+        ),
+        (
             {"retry": {"min_attempt_s": -1}},
             "routes[0].retry.min_attempt_s: must be a number of seconds >= 0 (got -1)",
         ),
@@ -645,7 +653,8 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
     assert TEAM_A_KEY not in text
     assert text == "\n".join(
         [
-            "server: max_body_bytes=8388608 deadline.max_s=600 margin_s=0.05 client_headers=true",
+            "server: max_body_bytes=8388608 deadline.max_s=600 margin_s=0.05 client_headers=true"
+            " stall_warn_s=10 log_format=text metrics=true",
             "auth: 1 key (team-a)",
             "upstream openai  https://api.openai.com/v1  api_key=***  max_connections=64"
             " max_pending=256 connect_s=2 keepalive_expiry_s=30  outlier consecutive_failures=5"
