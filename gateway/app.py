@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.errors import GatewayError, InternalError, envelope
+from gateway.errors import BadRequest, GatewayError, InternalError, envelope
 from gateway.inflight import Inflight
 from gateway.observability import metrics
 from gateway.proxy import Gateway, ProxyEndpoint
@@ -125,12 +125,39 @@ class GatewayApp:
         self._proxied = proxied
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _ambiguous_framing(scope["headers"]):
+            await _refuse_framing(send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._proxied.get(scope["path"])
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
         await self.starlette(scope, receive, send)
+
+
+def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding, or Content-Lengths that differ: a proxy in
+    front may read the body differently and smuggle a request inside it (RFC 9112 §6.1)."""
+    lengths = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+    return len(lengths) > 1 or (chunked and bool(lengths))
+
+
+async def _refuse_framing(send: Send) -> None:
+    error = BadRequest(
+        "The request has both Content-Length and Transfer-Encoding (or conflicting lengths).",
+        code="invalid_request",
+    )
+    body = error.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # what follows on this connection cannot be trusted
+        *((k.encode(), v.encode()) for k, v in error.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _sample_every_second(gateway: Gateway, stall_s: float) -> None:

@@ -105,6 +105,7 @@ class UpstreamConfig:
     max_pending: int = 256
     connect_s: float = 2.0
     keepalive_expiry_s: float = 30.0
+    max_response_bytes: int = 32 * 1024 * 1024  # a whole (or assembled) answer, decompressed
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
 
 
@@ -271,6 +272,7 @@ def _read_upstream(r: Reader) -> UpstreamConfig:
         max_pending=r.integer("max_pending", default.max_pending, minimum=0),
         connect_s=r.seconds("connect_s", default.connect_s),
         keepalive_expiry_s=r.seconds("keepalive_expiry_s", default.keepalive_expiry_s),
+        max_response_bytes=r.integer("max_response_bytes", default.max_response_bytes),
         outlier=_read_outlier(r.section("outlier")),
     )
     r.unknown_keys()
@@ -446,7 +448,8 @@ def describe_config(config: Config) -> str:
             f"upstream {u.name}  {_mask_url(u.base_url)}  "
             f"api_key={'***' if u.api_key else 'none'}  max_connections={u.max_connections} "
             f"max_pending={u.max_pending} connect_s={_num(u.connect_s)} "
-            f"keepalive_expiry_s={_num(u.keepalive_expiry_s)}  outlier "
+            f"keepalive_expiry_s={_num(u.keepalive_expiry_s)} "
+            f"max_response_bytes={u.max_response_bytes}  outlier "
             f"consecutive_failures={u.outlier.consecutive_failures} "
             f"base_ejection_s={_num(u.outlier.base_ejection_s)} "
             f"max_ejection_s={_num(u.outlier.max_ejection_s)}"

@@ -19,8 +19,11 @@ from gateway.config import Budget, DeadlineConfig
 from gateway.errors import BadRequest
 
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
-_SECONDS = re.compile(r"^\d+(\.\d+)?$")
+# ASCII digits only (`\d` would take any script's digits), and few of them: a hint is a
+# number a person could mean, not a thousand digits.
+_GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+_MILLISECONDS = re.compile(r"[0-9]{1,12}")
 
 # Hints that bound the whole request, with their parsers.
 _TOTAL_HINTS = ("x-request-timeout-ms", "grpc-timeout", "x-stainless-timeout", "x-litellm-timeout")
@@ -57,13 +60,26 @@ class RequestBudget:
 
 
 def parse_hints(headers: Mapping[str, str]) -> ClientHints:
-    """Read the deadline hints of DESIGN §5; a malformed one is a 400 naming the header."""
-    totals = [_parse_total(name, headers[name]) for name in _TOTAL_HINTS if name in headers]
-    read = headers.get(_READ_HINT)
+    """Read the deadline hints of DESIGN §5. A malformed explicit hint is a 400 naming the
+    header; an `x-stainless-*` value that is not a number (some SDK versions send `NOT_GIVEN`)
+    is ignored: callers do not choose those."""
+    totals = [
+        _parse_total(name, value)
+        for name in _TOTAL_HINTS
+        if (value := _hint(headers, name)) is not None
+    ]
+    read = _hint(headers, _READ_HINT)
     return ClientHints(
         total_s=min(totals) if totals else None,
         read_s=_parse_seconds(_READ_HINT, read) if read is not None else None,
     )
+
+
+def _hint(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None and name.startswith("x-stainless-"):
+        return value if _SECONDS.fullmatch(value.strip()) else None
+    return value
 
 
 def resolve_budget(
@@ -111,11 +127,11 @@ def timeout_header_ms(seconds: float) -> str:
 
 def _parse_total(name: str, value: str) -> float:
     if name == "x-request-timeout-ms":
-        if not value.strip().isdigit():
+        if not _MILLISECONDS.fullmatch(value.strip()):
             raise _malformed(name, value, "a non-negative integer number of milliseconds")
         return int(value) / 1000
     if name == "grpc-timeout":
-        match = _GRPC_TIMEOUT.match(value.strip())
+        match = _GRPC_TIMEOUT.fullmatch(value.strip())
         if match is None:
             raise _malformed(name, value, "gRPC timeout format such as 1500m or 2S")
         return int(match[1]) * _GRPC_UNITS[match[2]]
@@ -123,7 +139,7 @@ def _parse_total(name: str, value: str) -> float:
 
 
 def _parse_seconds(name: str, value: str) -> float:
-    if not _SECONDS.match(value.strip()):
+    if not _SECONDS.fullmatch(value.strip()):
         raise _malformed(name, value, "a non-negative number of seconds")
     return float(value)
 

@@ -47,7 +47,13 @@ from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition, upstreams_fault
 from gateway.sse import Event, error_event
 from gateway.upstream import UPSTREAM_ERRORS, Upstream, map_transport_error
-from gateway.upstream_reader import ContentEvents, IdleWatchdog, read_limited, until_done
+from gateway.upstream_reader import (
+    ContentEvents,
+    IdleWatchdog,
+    read_limited,
+    read_whole,
+    until_done,
+)
 
 attempt_log = logging.getLogger("gateway.attempt")  # one line per failed or skipped attempt
 _RNG = random.Random()  # backoff jitter
@@ -332,7 +338,7 @@ class Relay:
             exchange.phase = "connecting"
             if self.kind is None:  # a whole answer: the attempt and the deadline bound it
                 response = await self._send(upstream, body, headers, started)
-                await self._relay_whole(response)  # never hedged: no race to claim
+                await self._relay_whole(response, upstream.config.max_response_bytes)
                 return
             # The first token is due `ttft_s` after the attempt starts, whatever holds it up
             # (connect, headers, keep-alives, role-only chunks); no scope needed if the
@@ -343,7 +349,7 @@ class Relay:
                 deadline=first_due if first_due < attempt_end else math.inf
             ) as first_scope:
                 response = await self._send(upstream, body, headers, started)
-                events = ContentEvents(response, assembler)
+                events = ContentEvents(response, assembler, upstream.config.max_response_bytes)
                 first = await events.until_token()
             if first_scope.cancelled_caught:
                 raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
@@ -387,8 +393,9 @@ class Relay:
             raise UpstreamStatus(response.status, error_body, response.headers)
         return response
 
-    async def _relay_whole(self, response: aiohttp.ClientResponse) -> None:
-        body = await response.read()
+    async def _relay_whole(self, response: aiohttp.ClientResponse, limit: int) -> None:
+        """A whole answer (never hedged: there is no first token to race for)."""
+        body = await read_whole(response, limit)
         answer = jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 to choke on
         self.exchange.usage = _usage(answer)
         self.exchange.ttft_s = anyio.current_time() - self.exchange.arrival

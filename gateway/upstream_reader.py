@@ -23,8 +23,11 @@ class ContentEvents:
     token); after it they are relayed as they came, unparsed, unless an assembler needs them.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, assembler: Assembler | None) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, assembler: Assembler | None, limit: int
+    ) -> None:
         self._content = response.content
+        self._left = limit if assembler is not None else None  # bytes an assembly may hold
         self._decoder = SSEDecoder()
         self._assembler = assembler
         self._parse = True
@@ -36,6 +39,10 @@ class ContentEvents:
         while not self.done:
             chunk = await self._content.readany()
             if chunk:
+                if self._left is not None:
+                    self._left -= len(chunk)
+                    if self._left < 0:
+                        raise ResponseTooLarge("the streamed answer exceeds max_response_bytes")
                 events = self._decoder.feed(chunk)
             else:
                 self.done = True
@@ -110,6 +117,24 @@ class IdleWatchdog:
             self._scope.cancel()
         else:
             self._timer = self._loop.call_at(due, self._check)
+
+
+class ResponseTooLarge(ValueError):
+    """An upstream answer past `max_response_bytes`: a protocol error, not a memory leak."""
+
+
+async def read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refused as soon as it is known to exceed `limit` (decompressed)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise ResponseTooLarge(f"the answer's Content-Length exceeds max_response_bytes ({limit})")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(f"the answer exceeds max_response_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_limited(response: aiohttp.ClientResponse) -> bytes:

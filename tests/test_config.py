@@ -657,11 +657,11 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
             " stall_warn_s=10 log_format=text metrics=true",
             "auth: 1 key (team-a)",
             "upstream openai  https://api.openai.com/v1  api_key=***  max_connections=64"
-            " max_pending=256 connect_s=2 keepalive_expiry_s=30  outlier consecutive_failures=5"
-            " base_ejection_s=10 max_ejection_s=300",
+            " max_pending=256 connect_s=2 keepalive_expiry_s=30 max_response_bytes=33554432"
+            "  outlier consecutive_failures=5 base_ejection_s=10 max_ejection_s=300",
             "upstream vllm  http://vllm:8000/v1  api_key=none  max_connections=64"
-            " max_pending=256 connect_s=2 keepalive_expiry_s=30  outlier consecutive_failures=5"
-            " base_ejection_s=10 max_ejection_s=300",
+            " max_pending=256 connect_s=2 keepalive_expiry_s=30 max_response_bytes=33554432"
+            "  outlier consecutive_failures=5 base_ejection_s=10 max_ejection_s=300",
             "route gpt-4o  budget total_s=20 ttft_s=8 idle_s=5 attempt_s=12"
             "  retry attempts=3 backoff_s=0.2 on=[connect, idle, ttft, 429, 500, 502, 503, 504]"
             " min_attempt_s=0.1  retry_budget ratio=0.2 min_per_s=3  hedge=after_s=0.5"

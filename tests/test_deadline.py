@@ -52,10 +52,12 @@ def test_read_hint_is_kept_apart() -> None:
         ("grpc-timeout", "15"),
         ("grpc-timeout", "1s"),
         ("grpc-timeout", "123456789S"),  # gRPC allows at most 8 digits
-        ("x-stainless-timeout", "nan"),
-        ("x-stainless-timeout", "-1"),
-        ("x-stainless-read-timeout", "inf"),
+        ("x-request-timeout-ms", "\u0663\u0663"),  # Arabic-Indic digits: not ASCII
+        ("x-request-timeout-ms", "9" * 400),  # a number nobody means
+        ("grpc-timeout", "\u0663S"),
         ("x-litellm-timeout", ""),
+        ("x-litellm-timeout", "1" * 300),
+        ("x-litellm-timeout", "nan"),
     ],
 )
 def test_malformed_hint_names_the_header(name: str, value: str) -> None:
@@ -64,6 +66,12 @@ def test_malformed_hint_names_the_header(name: str, value: str) -> None:
     assert caught.value.code == "invalid_deadline_header"
     assert caught.value.param == name
     assert name in caught.value.message
+
+
+@pytest.mark.parametrize("value", ["NOT_GIVEN", "nan", "-1", "inf", "", "\u0663"])
+@pytest.mark.parametrize("name", ["x-stainless-timeout", "x-stainless-read-timeout"])
+def test_an_sdk_hint_that_is_not_a_number_is_ignored(name: str, value: str) -> None:
+    assert parse_hints({name: value}) == ClientHints()
 
 
 def test_route_budget_when_no_hints() -> None:

@@ -136,16 +136,19 @@ def exported_names(server: LiveServer) -> set[str]:
 async def test_prometheus_sees_a_stall_while_it_happens(
     gateway: GatewayFactory, simulator: Simulator, prometheus_for: Any
 ) -> None:
+    # Names of their own: the metrics registry is the test process's, shared by every test.
     data = one_route(
-        "stall", target_model="sim@hang=after-2,keepalive-ms=100", budget={"idle_s": 3}
+        "obs-stall", target_model="sim@hang=after-2,keepalive-ms=100", budget={"idle_s": 3}
     )
+    data["upstreams"][0]["name"] = "obs-sim"
+    data["routes"][0]["targets"][0]["upstream"] = "obs-sim"
     data["routes"].append(
-        {"model": "hang", "targets": [{"upstream": "sim", "model": "sim@hang=headers"}]}
+        {"model": "obs-hang", "targets": [{"upstream": "obs-sim", "model": "sim@hang=headers"}]}
     )
     data["server"] = {"stall_warn_s": 0.5}
     server = gateway(data)
     prometheus = prometheus_for(server)
-    stalled = 'sum(llm_gateway_stalled_requests{upstream="sim"})'
+    stalled = 'sum(llm_gateway_stalled_requests{upstream="obs-sim"})'
 
     async def stream() -> None:
         async with (
@@ -153,7 +156,7 @@ async def test_prometheus_sees_a_stall_while_it_happens(
             client.stream(
                 "POST",
                 f"{server.url}/v1/chat/completions",
-                json={"model": "stall", "messages": CHAT, "stream": True},
+                json={"model": "obs-stall", "messages": CHAT, "stream": True},
             ) as response,
         ):
             async for _ in response.aiter_bytes():
@@ -163,13 +166,14 @@ async def test_prometheus_sees_a_stall_while_it_happens(
         group.start_soon(stream)
         # Visible while the stream hangs, before any timeout fires (idle_s is 3 s).
         await off_loop(prometheus.wait_for, stalled, lambda v: v is not None and v > 0, 6)
-        assert (await off_loop(prometheus.value, "sum(llm_gateway_timeouts_total)")) in (None, 0)
+        timeouts = 'sum(llm_gateway_timeouts_total{route="obs-stall"})'
+        assert (await off_loop(prometheus.value, timeouts)) in (None, 0)
     await off_loop(prometheus.wait_for, stalled, lambda v: v == 0, 6)
-    idle = 'sum(llm_gateway_timeouts_total{phase="idle", route="stall", upstream="sim"})'
+    idle = 'sum(llm_gateway_timeouts_total{phase="idle", route="obs-stall", upstream="obs-sim"})'
     assert await off_loop(prometheus.wait_for, idle, lambda v: v == 1) == 1
-    ttft = 'sum(llm_gateway_ttft_seconds_count{route="stall"})'
+    ttft = 'sum(llm_gateway_ttft_seconds_count{route="obs-stall"})'
     assert await off_loop(prometheus.wait_for, ttft, lambda v: v == 1) == 1
-    gap = 'sum(llm_gateway_stream_max_gap_seconds_sum{route="stall"})'
+    gap = 'sum(llm_gateway_stream_max_gap_seconds_sum{route="obs-stall"})'
     assert (await off_loop(prometheus.wait_for, gap, lambda v: v is not None and v >= 3)) >= 3
 
     # A client that goes away is counted as a cancellation of its upstream request.
@@ -177,14 +181,17 @@ async def test_prometheus_sees_a_stall_while_it_happens(
         await off_loop(
             lambda: httpx.post(
                 f"{server.url}/v1/chat/completions",
-                json={"model": "hang", "messages": CHAT},
+                json={"model": "obs-hang", "messages": CHAT},
                 timeout=0.5,
             )
         )
     await simulator.until(lambda s: s["cancelled"] >= 2)
-    gone = 'sum(llm_gateway_upstream_cancellations_total{reason="client_disconnect"})'
+    gone = (
+        "sum(llm_gateway_upstream_cancellations_total"
+        '{upstream="obs-sim", reason="client_disconnect"})'
+    )
     assert await off_loop(prometheus.wait_for, gone, lambda v: v == 1) == 1
-    outcome = 'sum(llm_gateway_requests_total{route="hang", outcome="client_disconnect"})'
+    outcome = 'sum(llm_gateway_requests_total{route="obs-hang", outcome="client_disconnect"})'
     assert await off_loop(prometheus.wait_for, outcome, lambda v: v == 1) == 1
 
     # Every expression of the dashboard and the alert rules parses and names real series.
@@ -317,6 +324,8 @@ def test_a_malformed_traceparent_is_not_forwarded(
 
 def test_labels_never_come_from_client_input(gateway: GatewayFactory) -> None:
     server = gateway(one_route())
+    series = 'llm_gateway_requests_total{code="404",outcome="model_not_found",route="-"}'
+    before = _value(httpx.get(f"{server.url}/metrics", timeout=5).text, series)
     for model in ("no-such-model", "x" * 300, "another"):
         response = httpx.post(
             f"{server.url}/v1/chat/completions", json={"model": model, "messages": []}, timeout=5
@@ -324,7 +333,14 @@ def test_labels_never_come_from_client_input(gateway: GatewayFactory) -> None:
         assert response.status_code == 404
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     assert "no-such-model" not in text
-    assert 'llm_gateway_requests_total{code="404",outcome="model_not_found",route="-"} 3.0' in text
+    assert _value(text, series) == before + 3
+
+
+def _value(exposition: str, series: str) -> float:
+    for line in exposition.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_metrics_can_be_turned_off(gateway: GatewayFactory) -> None:

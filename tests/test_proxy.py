@@ -318,3 +318,40 @@ def test_a_bug_is_a_500_envelope_with_an_access_line(
     assert response.headers["x-request-id"]
     access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
     assert any("status=500 outcome=internal_error" in line for line in access), access
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: %d\r\nContent-Length: 3\r\n",
+    ],
+)
+def test_ambiguous_framing_is_refused_and_the_connection_closed(
+    gateway: GatewayFactory, simulator: Simulator, framing: bytes
+) -> None:
+    """Request smuggling (RFC 9112 §6.1): the request hidden in the body is never served."""
+    server = gateway(one_route())
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"0\r\n\r\n" + hidden
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + framing % len(body) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes: recv returns b""
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert answer.count(b"HTTP/1.1 ") == 1  # nothing served after it
+    assert simulator.stats()["total"] == 0
+
+
+@pytest.mark.parametrize("upstream_stream", [False, True])
+def test_an_oversized_upstream_answer_is_a_502_with_its_reason(
+    gateway: GatewayFactory, upstream_stream: bool
+) -> None:
+    data = one_route(target_model="sim@tokens=5000", upstream={"max_response_bytes": 20_000})
+    data["routes"][0]["upstream_stream"] = upstream_stream  # read whole, or assembled
+    server = gateway(data)
+    response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    error = assert_error(response, 502, "upstream_protocol_error")
+    assert "max_response_bytes" in error["message"]
