@@ -5,9 +5,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test lint check clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e '.[test]' -e 'clients/python[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
