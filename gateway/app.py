@@ -16,8 +16,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.errors import BadRequest, GatewayError, InternalError, envelope
+from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, envelope
 from gateway.inflight import Inflight
+from gateway.lifecycle import Lifecycle
 from gateway.observability import metrics
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
@@ -34,8 +35,10 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
     """The gateway for `config`; `with_simulator` also serves the simulator (the demo)."""
     upstreams = {spec.name: Upstream(spec) for spec in config.upstreams}
     metrics.enable(config.server.metrics)
+    inflight_registry = Inflight()
+    lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
     gateway = Gateway(
-        config=config, router=Router(config), upstreams=upstreams, inflight=Inflight()
+        config=config, router=Router(config), upstreams=upstreams, inflight=inflight_registry
     )
     created = int(time.time())
 
@@ -51,7 +54,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ready = getattr(request.app.state, "ready", False)
+        ready = getattr(request.app.state, "ready", False) and not lifecycle.draining
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     async def scrape(request: Request) -> Response:
@@ -90,6 +93,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
             log.warning("No auth.keys configured: the gateway is open to anyone who can reach it.")
         for upstream in upstreams.values():
             await upstream.open()
+        lifecycle.started()
         app.state.ready = True
         try:
             async with anyio.create_task_group() as group:
@@ -112,7 +116,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         },
     )
     app.state.gateway = gateway
-    return GatewayApp(app, proxied)
+    return GatewayApp(app, proxied, lifecycle)
 
 
 class GatewayApp:
@@ -120,9 +124,12 @@ class GatewayApp:
     Starlette's middleware and routing; everything else (lifespan, other paths, a proxied
     path with the wrong method) goes to the Starlette app."""
 
-    def __init__(self, app: Starlette, proxied: dict[str, ProxyEndpoint]) -> None:
+    def __init__(
+        self, app: Starlette, proxied: dict[str, ProxyEndpoint], lifecycle: Lifecycle
+    ) -> None:
         self.starlette = app
         self._proxied = proxied
+        self.lifecycle = lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _ambiguous_framing(scope["headers"]):
@@ -130,6 +137,11 @@ class GatewayApp:
             return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._proxied.get(scope["path"])
+            if endpoint is not None and self.lifecycle.cut:  # stopping: no new work
+                await _send_error(
+                    send, Overloaded("The gateway is shutting down.", code="shutting_down")
+                )
+                return
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
@@ -149,6 +161,11 @@ async def _refuse_framing(send: Send) -> None:
         "The request has both Content-Length and Transfer-Encoding (or conflicting lengths).",
         code="invalid_request",
     )
+    await _send_error(send, error)
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    """An error answered before any app code runs; the connection is closed after it."""
     body = error.body()
     headers = [
         (b"content-type", b"application/json"),
@@ -156,7 +173,7 @@ async def _refuse_framing(send: Send) -> None:
         (b"connection", b"close"),  # what follows on this connection cannot be trusted
         *((k.encode(), v.encode()) for k, v in error.headers().items()),
     ]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +28,10 @@ _CONFIG_ENV = "LLM_GATEWAY_SERVE_CONFIG"
 _DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
 _LOG_LEVEL_ENV = "LLM_GATEWAY_SERVE_LOG_LEVEL"
 _LOG_FORMAT_ENV = "LLM_GATEWAY_SERVE_LOG_FORMAT"
-_GRACEFUL_SHUTDOWN_S = 10
+# After the gateway's own drain (server.shutdown_grace_s, gateway.lifecycle), what uvicorn may
+# still wait for: nothing is in flight by then.
+_GRACEFUL_SHUTDOWN_S = 5
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _DEMO_BODY = '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
 
 
@@ -38,15 +43,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llm-gateway", description="A resilient OpenAI-compatible LLM gateway."
+        prog="llm-gateway",
+        description="A resilient OpenAI-compatible LLM gateway.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", type=Path, help=f"YAML config (default: ./{DEFAULT_CONFIG})")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--log-level", default="info")
+    serve = commands.add_parser(
+        "serve", help="run the gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help=f"YAML config (default: ./{DEFAULT_CONFIG} if present, else the built-in demo)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on")
+    serve.add_argument("--workers", type=_positive, default=1, help="worker processes")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     serve.add_argument(
         "--log-format", choices=LOG_FORMATS, help="text or json (default: server.log_format)"
     )
@@ -54,12 +68,47 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action="store_true", help="also uvicorn's own access line per request"
     )
     check = commands.add_parser("check-config", help="validate a config and print its routes")
-    check.add_argument("file", type=Path)
-    simulate = commands.add_parser("simulate", help="run the fault-injecting upstream simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8000)
-    simulate.add_argument("--log-level", default="info")
+    check.add_argument("file", type=Path, help="the YAML config")
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the fault-injecting upstream simulator",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    simulate.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    simulate.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535 (got {text!r})")
+    return int(text)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llm-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether `serve` can listen there: said in one line before any worker starts."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        print(f"llm-gateway: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)  # noqa: T201
+        return False
+    return True
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -80,6 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
         base = f"http://{host}:{args.port}"
         os.environ[_DEMO_URL_ENV] = f"{base}{SIMULATOR_PREFIX}/v1"
         _print_demo_banner(base)
+    if not _port_free(args.host, args.port):
+        return 1
     os.environ[_LOG_LEVEL_ENV] = args.log_level
     os.environ[_LOG_FORMAT_ENV] = log_format = log_format or "text"
     logs.configure(args.log_level, log_format)

@@ -66,6 +66,7 @@ class ServerConfig:
     stall_warn_s: float = 10.0  # in flight this long without a token: a stalled request
     log_format: str = "text"  # or "json"
     metrics: bool = True  # record metrics and serve /metrics
+    shutdown_grace_s: float = 30.0  # on SIGTERM: time for the work in flight to finish
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +107,8 @@ class UpstreamConfig:
     connect_s: float = 2.0
     keepalive_expiry_s: float = 30.0
     max_response_bytes: int = 32 * 1024 * 1024  # a whole (or assembled) answer, decompressed
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # sent on every call
+    forward_headers: tuple[str, ...] = ()  # client headers passed on (lower-cased names)
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
 
 
@@ -238,6 +241,7 @@ def _read_server(r: Reader) -> ServerConfig:
     if log_format not in LOG_FORMATS:
         r.error("log_format", f"must be text or json (got {log_format!r})")
     metrics = r.boolean("metrics", default.metrics)
+    shutdown_grace_s = r.seconds("shutdown_grace_s", default.shutdown_grace_s, allow_zero=True)
     r.unknown_keys()
     deadline = DeadlineConfig(max_s=max_s, margin_s=margin_s, client_headers=client_headers)
     return ServerConfig(
@@ -246,6 +250,7 @@ def _read_server(r: Reader) -> ServerConfig:
         stall_warn_s=stall_warn_s,
         log_format=log_format,
         metrics=metrics,
+        shutdown_grace_s=shutdown_grace_s,
     )
 
 
@@ -273,10 +278,50 @@ def _read_upstream(r: Reader) -> UpstreamConfig:
         connect_s=r.seconds("connect_s", default.connect_s),
         keepalive_expiry_s=r.seconds("keepalive_expiry_s", default.keepalive_expiry_s),
         max_response_bytes=r.integer("max_response_bytes", default.max_response_bytes),
+        headers=_read_headers(r),
+        forward_headers=_read_forward_headers(r),
         outlier=_read_outlier(r.section("outlier")),
     )
     r.unknown_keys()
     return upstream
+
+
+# Never set from config or passed from a client: framing, auth and routing are the gateway's.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "authorization", "x-api-key"}
+    | {"content-type", "accept", "x-request-id", "x-request-timeout-ms", "cookie", "upgrade"}
+)
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _read_headers(r: Reader) -> tuple[tuple[str, str], ...]:
+    """`headers`: static headers for this upstream (e.g. OpenAI-Organization), `${VAR}` allowed;
+    values are treated as secrets."""
+    section = r.section("headers")
+    headers = []
+    for name in list(section.data):
+        key = str(name)
+        value = section.text(key, secret=True)
+        if not _HEADER_NAME.fullmatch(key) or key.lower() in _RESERVED_HEADERS:
+            section.error(key, "is not a header the gateway lets you set")
+        elif value and ("\r" in value or "\n" in value):
+            section.error(key, "must be one line")
+        elif value:
+            headers.append((key.lower(), value))
+    return tuple(headers)
+
+
+def _read_forward_headers(r: Reader) -> tuple[str, ...]:
+    """`forward_headers`: names of client headers this upstream may receive."""
+    names = []
+    for key, item in r.items("forward_headers", required=False, allow_empty=True):
+        if not isinstance(item, str) or not _HEADER_NAME.fullmatch(item):
+            r.error(key, f"must be a header name{got(item)}")
+        elif item.lower() in _RESERVED_HEADERS:
+            r.error(key, f"{item} is not a header a client may choose")
+        else:
+            names.append(item.lower())
+    return tuple(names)
 
 
 def _read_outlier(r: Reader) -> OutlierPolicy:
@@ -435,7 +480,8 @@ def describe_config(config: Config) -> str:
         f"deadline.max_s={_num(deadline.max_s)} margin_s={_num(deadline.margin_s)} "
         f"client_headers={str(deadline.client_headers).lower()} "
         f"stall_warn_s={_num(config.server.stall_warn_s)} log_format={config.server.log_format} "
-        f"metrics={str(config.server.metrics).lower()}"
+        f"metrics={str(config.server.metrics).lower()} "
+        f"shutdown_grace_s={_num(config.server.shutdown_grace_s)}"
     ]
     if config.auth is None:
         lines.append("auth: none (open access)")
@@ -449,7 +495,8 @@ def describe_config(config: Config) -> str:
             f"api_key={'***' if u.api_key else 'none'}  max_connections={u.max_connections} "
             f"max_pending={u.max_pending} connect_s={_num(u.connect_s)} "
             f"keepalive_expiry_s={_num(u.keepalive_expiry_s)} "
-            f"max_response_bytes={u.max_response_bytes}  outlier "
+            f"max_response_bytes={u.max_response_bytes}"
+            f"{_header_names(u)}  outlier "
             f"consecutive_failures={u.outlier.consecutive_failures} "
             f"base_ejection_s={_num(u.outlier.base_ejection_s)} "
             f"max_ejection_s={_num(u.outlier.max_ejection_s)}"
@@ -470,6 +517,16 @@ def describe_config(config: Config) -> str:
             fallback = " (fallback)" if i > 1 else ""
             lines.append(f"  {i}. {target.upstream} -> {target.model}{fallback}")
     return "\n".join(lines)
+
+
+def _header_names(upstream: UpstreamConfig) -> str:
+    """Header names only: their values may be credentials."""
+    text = ""
+    if upstream.headers:
+        text += f" headers=[{', '.join(name for name, _ in upstream.headers)}]"
+    if upstream.forward_headers:
+        text += f" forward_headers=[{', '.join(upstream.forward_headers)}]"
+    return text
 
 
 def _hedge(hedge: Hedge | None) -> str:

@@ -117,11 +117,14 @@ class UpstreamStatus(GatewayError):
     asked to be called back later (429/503 with Retry-After).
     """
 
-    def __init__(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, status: int, body: bytes, headers: Mapping[str, str], passed: Mapping[str, str]
+    ) -> None:
         super().__init__(f"The upstream answered {status}.", code=f"upstream_status_{status}")
         self.status = status
         self.raw_body = body
         self.content_type = headers.get("content-type", "application/json")
+        self.passed = dict(passed)  # rate limits and Retry-After, for the client
         self.retry_after = headers.get("retry-after")
         self.upstream_headers = {
             name: value
@@ -131,10 +134,7 @@ class UpstreamStatus(GatewayError):
         self.should_retry = self.retry_after is not None and status in (429, 503)
 
     def headers(self) -> dict[str, str]:
-        headers = {**super().headers(), "content-type": self.content_type}
-        if self.retry_after is not None:
-            headers["retry-after"] = self.retry_after
-        return headers
+        return {**super().headers(), **self.passed, "content-type": self.content_type}
 
     def body(self) -> bytes:
         return self.raw_body

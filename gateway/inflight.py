@@ -45,6 +45,7 @@ class Exchange:
     committed: bool = False  # response headers went to the client: no more fallback
     finishing: bool = False  # the last message is being sent: a disconnect now is normal
     disconnected: bool = False
+    shutting_down: bool = False
     queue_s: float = 0.0
     upstream_s: float | None = None  # request sent until upstream response headers
     ttft_s: float | None = None  # arrival until the first content event
@@ -61,6 +62,12 @@ class Exchange:
     def abandon(self) -> None:
         """The client went away: stop whatever the request is doing."""
         self.disconnected = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def shut_down(self) -> None:
+        """The gateway is stopping: end the request with `shutting_down`."""
+        self.shutting_down = True
         if self.scope is not None:
             self.scope.cancel()
 
@@ -91,6 +98,7 @@ class Exchange:
 class Inflight:
     def __init__(self) -> None:
         self._exchanges: set[Exchange] = set()
+        self._emptied: anyio.Event | None = None  # set when the last request ends
 
     def __len__(self) -> int:
         return len(self._exchanges)
@@ -102,6 +110,13 @@ class Inflight:
             yield exchange
         finally:
             self._exchanges.discard(exchange)
+            if not self._exchanges and self._emptied is not None:
+                self._emptied.set()
+
+    async def wait_empty(self) -> None:
+        while self._exchanges:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
 
     def exchanges(self) -> list[Exchange]:
         return list(self._exchanges)

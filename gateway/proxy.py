@@ -118,6 +118,7 @@ class ProxyEndpoint:
             writer=writer,
             headers=reply_headers,
             trace_headers=trace,
+            client_headers=headers,
         )
         failure: GatewayError | None = None
         with self.gateway.inflight.track(exchange):

@@ -46,7 +46,13 @@ from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition, upstreams_fault
 from gateway.sse import Event, error_event
-from gateway.upstream import UPSTREAM_ERRORS, Upstream, map_transport_error
+from gateway.upstream import (
+    UPSTREAM_ERRORS,
+    Upstream,
+    map_transport_error,
+    mask_secrets,
+    passed_headers,
+)
 from gateway.upstream_reader import (
     ContentEvents,
     IdleWatchdog,
@@ -61,6 +67,9 @@ _RNG = random.Random()  # backoff jitter
 _KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "text"}
 # What a non-streaming call asks of the upstream, so the stream guards apply to it too.
 _STREAM_FIELDS = {"stream": True, "stream_options": {"include_usage": True}}
+# Client headers every upstream gets (besides the trace context); the rest only if its
+# `forward_headers` names them: a client must not pick what is billed under the gateway's key.
+_ALWAYS_FORWARDED = ("openai-beta",)
 _GRACE_S = 1.0  # for the last words to a client after the budget is spent
 
 
@@ -78,6 +87,7 @@ class Relay:
         writer: ResponseWriter,
         headers: Mapping[str, str],
         trace_headers: Mapping[str, str],
+        client_headers: Mapping[str, str],
     ) -> None:
         self.exchange = exchange
         self.route = route
@@ -89,6 +99,8 @@ class Relay:
         self.writer = writer
         self.headers = headers  # sent on every response: X-Request-Id
         self.trace_headers = trace_headers  # the client's W3C trace context, for the upstream
+        self.client_headers = client_headers  # forwarded: only what an allowlist names
+        self._passed: dict[str, str] = {}  # the answering upstream's rate-limit headers
         kind = _KINDS.get(path)
         # Assemble: the client wants a whole answer, the upstream is asked for a stream.
         self.assemble = (
@@ -115,7 +127,12 @@ class Relay:
         exchange.scope = None
         if exchange.disconnected:
             return None
-        if deadline_scope.cancelled_caught:
+        if exchange.shutting_down:
+            failure = Overloaded(
+                "The gateway is shutting down; send the request again (to another instance).",
+                code="shutting_down",
+            )
+        elif deadline_scope.cancelled_caught:
             if exchange.phase == "queued":
                 failure = BudgetExceeded("pool", "Timed out waiting for an upstream connection.")
             else:
@@ -328,6 +345,11 @@ class Relay:
             "x-request-id": exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
             **self.trace_headers,
+            **{
+                name: value
+                for name in (*_ALWAYS_FORWARDED, *upstream.config.forward_headers)
+                if (value := self.client_headers.get(name)) is not None
+            },
         }
         if self.assemble:
             body = jsonbody.with_fields(self.body, self.payload, target.model, _STREAM_FIELDS)
@@ -338,6 +360,7 @@ class Relay:
             exchange.phase = "connecting"
             if self.kind is None:  # a whole answer: the attempt and the deadline bound it
                 response = await self._send(upstream, body, headers, started)
+                self._passed = passed_headers(response.headers)
                 await self._relay_whole(response, upstream.config.max_response_bytes)
                 return
             # The first token is due `ttft_s` after the attempt starts, whatever holds it up
@@ -364,6 +387,8 @@ class Relay:
             if race is not None and not race.claim(target):
                 return  # the other attempt of a hedge had its token first
             exchange.upstream = upstream.name
+            assert response is not None  # a first token came from it
+            self._passed = passed_headers(response.headers)
             exchange.ttft_s = now - exchange.arrival
             exchange.last_content_at = now
             exchange.phase = "streaming"
@@ -390,7 +415,12 @@ class Relay:
                 error_body = await read_limited(response)
             finally:
                 upstream.close(response)
-            raise UpstreamStatus(response.status, error_body, response.headers)
+            raise UpstreamStatus(
+                response.status,
+                mask_secrets(error_body, upstream.config),
+                response.headers,
+                passed_headers(response.headers),
+            )
         return response
 
     async def _relay_whole(self, response: aiohttp.ClientResponse, limit: int) -> None:
@@ -478,6 +508,7 @@ class Relay:
 
     def _success_headers(self, content_type: str) -> dict[str, str]:
         headers = {
+            **self._passed,
             **self.headers,
             "content-type": content_type,
             "x-gateway-upstream": self.exchange.upstream or "",

@@ -39,6 +39,8 @@ An unknown knob or a bad value is a 400 naming the knob.
                   with it; later ones are answered normally (a brown-out that recovers)
     malformed     `json`: a non-streaming 200 whose body is `{"id": "broken`; `sse`: a stream
                   whose first event is `data: {not json}` (each is ignored in the other mode)
+    (every answer carries OpenAI's `openai-organization`, `openai-processing-ms`,
+    `x-ratelimit-*` and a `set-cookie`, as OpenAI's do)
     close         `true`: answer with `Connection: close`, so the server closes the connection
                   after the response (the client must not reuse it)
     reset         `after-headers`: send the 200 headers, then drop the connection; `after-N`:
@@ -94,6 +96,15 @@ Header = tuple[bytes, bytes]
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _KEEPALIVE = b": keep-alive\n\n"
+# What OpenAI sends with every answer: rate limits a client acts on, and what it must not get
+# through a gateway (the organization billed, a cookie).
+_OPENAI_HEADERS = [
+    (b"openai-organization", b"sim-org"),
+    (b"openai-processing-ms", b"7"),
+    (b"x-ratelimit-limit-requests", b"10000"),
+    (b"x-ratelimit-remaining-requests", b"9999"),
+    (b"set-cookie", b"__sim=1; path=/; HttpOnly"),
+]
 
 
 class FaultError(ValueError):
@@ -509,8 +520,9 @@ async def _stream(send: Send, job: _Job) -> None:
 
 async def _produce(send: Send, job: _Job) -> None:
     faults = job.faults
+    send = partial(_with_headers, send, _OPENAI_HEADERS)
     if faults.close:
-        send = partial(_with_connection_close, send)
+        send = partial(_with_headers, send, [(b"connection", b"close")])
     await anyio.sleep(faults.latency_ms / 1000)
     if faults.hang_before_headers:
         await anyio.sleep(HANG_LIMIT_MS / 1000)
@@ -532,9 +544,9 @@ async def _produce(send: Send, job: _Job) -> None:
         await _send_whole(send, faults, completion.whole())
 
 
-async def _with_connection_close(send: Send, message: Message) -> None:
+async def _with_headers(send: Send, extra: list[Header], message: Message) -> None:
     if message["type"] == "http.response.start":
-        message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+        message = {**message, "headers": [*message["headers"], *extra]}
     await send(message)
 
 

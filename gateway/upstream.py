@@ -17,6 +17,7 @@ import itertools
 import math
 import socket
 from collections import deque
+from collections.abc import Mapping
 
 import aiohttp
 import anyio
@@ -95,7 +96,8 @@ class Upstream:
         self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
         self.outlier = OutlierDetector(config.outlier)
         self._base = config.base_url.rstrip("/") + "/"
-        self._auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._static = {**dict(config.headers), **auth}  # on every request, after the caller's
         self._session: aiohttp.ClientSession | None = None
         # Our own view of the pool (aiohttp has no public one): every socket the client opened,
         # pruned once closed, and the responses that hold one.
@@ -121,7 +123,7 @@ class Upstream:
         hands the response to `close`."""
         assert self._session is not None, "Upstream.open() was not called"
         response = await self._session.post(
-            self._base + path, data=body, headers={**headers, **self._auth}, allow_redirects=False
+            self._base + path, data=body, headers={**headers, **self._static}, allow_redirects=False
         )
         self._responses += 1
         return response
@@ -159,6 +161,29 @@ class Upstream:
             self._sockets = [known for known in self._sockets if known.fileno() != -1]
         self._sockets.append(sock)
         return sock
+
+
+# Upstream response headers a client gets (success and error): rate limits and timings that
+# clients and SDKs act on. Never cookies, the upstream's organization, hop-by-hop headers or
+# anything naming internal hosts.
+_PASSED = ("openai-processing-ms", "retry-after", "retry-after-ms")
+
+
+def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower() in _PASSED or name.lower().startswith("x-ratelimit-")
+    }
+
+
+def mask_secrets(body: bytes, config: UpstreamConfig) -> bytes:
+    """An upstream's error body may echo the key we sent it (some do, in "invalid key"
+    messages): it never reaches a client."""
+    for secret in (config.api_key, *(value for _, value in config.headers)):
+        if secret and len(secret) >= 8:
+            body = body.replace(secret.encode(), b"***")
+    return body
 
 
 # What talking to an upstream can raise besides our own errors: transport, framing, bad JSON.

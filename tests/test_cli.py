@@ -205,3 +205,53 @@ def test_serve_refuses_a_bad_config_before_starting(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "routes[0].targets[0].upstream:" in result.stderr
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def test_version() -> None:
+    result = _cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("llm-gateway ")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "--workers", "0"], "--workers: must be a positive integer"),
+        (["serve", "--port", "70000"], "--port: must be a port from 1 to 65535"),
+        (["serve", "--log-level", "loud"], "--log-level: invalid choice"),
+        (["serve", "--config", "no-such.yaml"], "no-such.yaml"),
+    ],
+)
+def test_bad_options_are_one_clear_line(tmp_path: Path, args: list[str], says: str) -> None:
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("serve", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_shows_the_defaults() -> None:
+    result = _cli("serve", "--help")
+    assert "(default: 8080)" in result.stdout
+    assert "(default: 1)" in result.stdout

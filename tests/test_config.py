@@ -305,6 +305,14 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
             'routes[0].budget.attempt_s: must be a number of seconds > 0 (got "12s")',
         ),
         (
+            {"upstream": {"headers": {"Authorization": "x"}}},
+            "upstreams[0].headers.Authorization: is not a header the gateway lets you set",
+        ),
+        (
+            {"upstream": {"forward_headers": ["Host"]}},
+            "upstreams[0].forward_headers[0]: Host is not a header a client may choose",
+        ),
+        (
             {"server": {"log_format": "xml"}},
             "server.log_format: must be text or json (got 'xml')",
         ),
@@ -654,7 +662,7 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
     assert text == "\n".join(
         [
             "server: max_body_bytes=8388608 deadline.max_s=600 margin_s=0.05 client_headers=true"
-            " stall_warn_s=10 log_format=text metrics=true",
+            " stall_warn_s=10 log_format=text metrics=true shutdown_grace_s=30",
             "auth: 1 key (team-a)",
             "upstream openai  https://api.openai.com/v1  api_key=***  max_connections=64"
             " max_pending=256 connect_s=2 keepalive_expiry_s=30 max_response_bytes=33554432"
@@ -670,6 +678,15 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
             "  2. vllm -> meta-llama/Llama-3.1-8B-Instruct (fallback)",
         ]
     )
+
+
+def test_describe_config_shows_header_names_not_values() -> None:
+    doc = config_with(upstream={"headers": {"OpenAI-Organization": "org-secret-123"}})
+
+    text = describe_config(parse_config(doc, {}))
+
+    assert "headers=[openai-organization]" in text
+    assert "org-secret-123" not in text
 
 
 def test_describe_config_open_access_and_url_credentials() -> None:

@@ -11,7 +11,9 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from gateway.config import UpstreamConfig
 from gateway.relay import Relay
+from gateway.upstream import mask_secrets
 from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, one_route, raw_http, sdk
 
 pytestmark = pytest.mark.anyio
@@ -355,3 +357,68 @@ def test_an_oversized_upstream_answer_is_a_502_with_its_reason(
     response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
     error = assert_error(response, 502, "upstream_protocol_error")
     assert "max_response_bytes" in error["message"]
+
+
+# --- headers: what goes upstream, what comes back -------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_clients_get_rate_limits_but_not_cookies_or_the_organization(
+    gateway: GatewayFactory, stream: bool
+) -> None:
+    server = gateway(one_route())
+    body = {"model": "m", "messages": CHAT, "stream": stream}
+    response = post(server, "/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-requests"] == "9999"
+    assert response.headers["openai-processing-ms"] == "7"
+    assert "set-cookie" not in response.headers
+    assert "openai-organization" not in response.headers
+
+
+def test_an_error_answer_keeps_its_rate_limits_and_retry_after(gateway: GatewayFactory) -> None:
+    server = gateway(one_route(target_model="sim@status=429,retry-after=3"))
+    response = post(server, "/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert response.headers["x-ratelimit-limit-requests"] == "10000"
+    assert "set-cookie" not in response.headers
+
+
+def test_upstreams_get_config_headers_and_only_allowed_client_headers(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    data = one_route(
+        upstream={
+            "headers": {"OpenAI-Organization": "${ORG}", "OpenAI-Project": "proj-1"},
+            "forward_headers": ["X-Team"],
+        }
+    )
+    server = gateway(data, env={"ORG": "org-gateway"})
+    response = post(
+        server,
+        "/v1/chat/completions",
+        json={"model": "m", "messages": CHAT},
+        headers={
+            "OpenAI-Organization": "org-of-the-client",  # must not choose who is billed
+            "OpenAI-Beta": "assistants=v2",
+            "X-Team": "search",
+            "X-Other": "dropped",
+            "Cookie": "session=1",
+        },
+    )
+    assert response.status_code == 200
+    seen = simulator.stats()["last_headers"]
+    assert seen["openai-organization"] == "org-gateway"
+    assert seen["openai-project"] == "proj-1"
+    assert seen["openai-beta"] == "assistants=v2"
+    assert seen["x-team"] == "search"
+    assert "x-other" not in seen
+    assert "cookie" not in seen
+
+
+def test_an_upstream_key_echoed_in_an_error_body_is_masked() -> None:
+    config = UpstreamConfig(name="u", base_url="http://u", api_key="sk-live-0123456789")
+    body = b'{"error": {"message": "Incorrect API key provided: sk-live-0123456789."}}'
+    assert b"sk-live" not in mask_secrets(body, config)
+    assert b"***" in mask_secrets(body, config)

@@ -32,8 +32,8 @@ def test_router_finds_routes_and_names_the_missing_model() -> None:
 @pytest.mark.parametrize(
     ("failure", "condition"),
     [
-        (UpstreamStatus(503, b"", {}), 503),
-        (UpstreamStatus(429, b"", {}), 429),
+        (UpstreamStatus(503, b"", {}, {}), 503),
+        (UpstreamStatus(429, b"", {}, {}), 429),
         (UpstreamFailed("x", code="upstream_connect_error"), "connect"),
         (BudgetExceeded("connect", "x"), "connect"),
         (UpstreamFailed("x", code="upstream_protocol_error"), "protocol"),
@@ -51,8 +51,8 @@ def test_failure_conditions(failure: GatewayError, condition: str | int | None) 
 @pytest.mark.parametrize(
     ("failure", "client_gap", "fault"),
     [
-        (UpstreamStatus(503, b"", {}), False, True),
-        (UpstreamStatus(429, b"", {}), False, False),  # it is pacing us, not broken
+        (UpstreamStatus(503, b"", {}, {}), False, True),
+        (UpstreamStatus(429, b"", {}, {}), False, False),  # it is pacing us, not broken
         (UpstreamFailed("x", code="upstream_connect_error"), False, True),
         (UpstreamFailed("x", code="upstream_protocol_error"), False, True),
         (BudgetExceeded("connect", "x"), False, True),
