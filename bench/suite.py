@@ -214,22 +214,28 @@ def raise_fd_limit() -> dict[str, Any]:
 
 
 def gateway_config(upstream_url: str) -> dict[str, Any]:
+    """Healthy routes on one upstream entry, the stalling and hanging ones on another (the
+    same server): outlier ejection would rightly eject an upstream that stalls thousands of
+    streams, and the healthy requests measured beside them must not be caught by it."""
     routes = []
     for model, (target, budget) in ROUTES.items():
-        route: dict[str, Any] = {"model": model, "targets": [{"upstream": "fast", "model": target}]}
+        upstream = "faulty" if model in ("bench-stall", "bench-hang") else "fast"
+        route: dict[str, Any] = {
+            "model": model,
+            "targets": [{"upstream": upstream, "model": target}],
+        }
         if budget is not None:
             route["budget"] = budget
         # Non-streaming routes measure the proxy path: a call streamed upstream and assembled
         # costs what a stream costs, which bench-stream measures per event.
         route["upstream_stream"] = False
         routes.append(route)
-    upstream = {
-        "name": "fast",
-        "base_url": f"{upstream_url}/v1",
-        "max_connections": 20000,
-        "max_pending": 20000,
-    }
-    return {"upstreams": [upstream], "routes": routes}
+    common = {"base_url": f"{upstream_url}/v1", "max_connections": 20000, "max_pending": 20000}
+    upstreams = [
+        {"name": "fast", **common},
+        {"name": "faulty", **common, "outlier": {"consecutive_failures": 1_000_000}},
+    ]
+    return {"upstreams": upstreams, "routes": routes}
 
 
 NGINX_CONF = """\

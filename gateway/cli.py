@@ -145,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             log_config=None,  # ours, in the chosen format
             access_log=args.access_log,  # the gateway logs each request once, itself
+            proxy_headers=False,  # nothing here reads the client's address: skip the layer
             loop=loop,
             http=http,
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,

@@ -265,6 +265,10 @@ def _finish(
     """The one place a request's end is recorded: its access line and its metrics."""
     now = anyio.current_time()
     route = exchange.route if exchange is not None else "-"
+    if metrics_enabled():
+        metrics.record_request(exchange, route=route, status=status, outcome=outcome, now=now)
+    if not logs.ACCESS.isEnabledFor(logging.INFO):
+        return  # nothing is built for a line that is not written
     fields: dict[str, object] = {
         "request_id": request_id,
         "trace_id": trace,
@@ -290,5 +294,3 @@ def _finish(
             "hedge": exchange.hedge,
         }
     logs.access(fields)
-    if metrics_enabled():
-        metrics.record_request(exchange, route=route, status=status, outcome=outcome, now=now)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -119,6 +119,17 @@ EJECTED = Gauge(
 
 
 _enabled = True
+# Bound children by label values: `.labels()` costs a tuple, a lock and a lookup on every call;
+# label values are config names and fixed words, so this stays small.
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _at(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def enabled() -> bool:
@@ -135,44 +146,44 @@ def record_request(
     exchange: Exchange | None, *, route: str, status: int, outcome: str, now: float
 ) -> None:
     """Everything one request did, counted once when it ends."""
-    REQUESTS.labels(route, str(status), outcome).inc()
+    _at(REQUESTS, route, str(status), outcome).inc()
     if exchange is None:  # refused before it had a route: nothing else happened
         return
     total = now - exchange.arrival
-    DURATION.labels(route, "true" if exchange.stream else "false").observe(total)
-    BUDGET.labels(route, exchange.budget.deadline.source).observe(
+    _at(DURATION, route, "true" if exchange.stream else "false").observe(total)
+    _at(BUDGET, route, exchange.budget.deadline.source).observe(
         exchange.budget.deadline.at - exchange.arrival + exchange.budget.margin_s
     )
     upstream_s = 0.0
     for attempt in exchange.attempt_log:
-        ATTEMPTS.labels(route, attempt.upstream, attempt.outcome).inc()
+        _at(ATTEMPTS, route, attempt.upstream, attempt.outcome).inc()
         if attempt.started:
-            POOL_WAIT.labels(attempt.upstream).observe(attempt.started - attempt.queued_at)
+            _at(POOL_WAIT, attempt.upstream).observe(attempt.started - attempt.queued_at)
             upstream_s += attempt.ended - attempt.started
         if attempt.ttft_s is not None:
-            TTFT.labels(route, attempt.upstream).observe(attempt.ttft_s)
+            _at(TTFT, route, attempt.upstream).observe(attempt.ttft_s)
         if attempt.max_gap_s is not None:
-            MAX_GAP.labels(route, attempt.upstream).observe(attempt.max_gap_s)
+            _at(MAX_GAP, route, attempt.upstream).observe(attempt.max_gap_s)
         phase = _timeout_phase(attempt.outcome)
         if phase is not None:
-            TIMEOUTS.labels(route, attempt.upstream, phase).inc()
+            _at(TIMEOUTS, route, attempt.upstream, phase).inc()
         if attempt.cancel_reason in ("client_disconnect", "deadline", "hedge_lost"):
-            CANCELLATIONS.labels(attempt.upstream, attempt.cancel_reason).inc()
+            _at(CANCELLATIONS, attempt.upstream, attempt.cancel_reason).inc()
     if outcome in ("deadline_exceeded", "upstream_pool_timeout") and not _counted(exchange):
         phase = "pool" if outcome == "upstream_pool_timeout" else "total"
-        TIMEOUTS.labels(route, exchange.upstream or "-", phase).inc()
+        _at(TIMEOUTS, route, exchange.upstream or "-", phase).inc()
     for upstream, reason in exchange.skipped:
-        SKIPPED.labels(route, upstream, reason).inc()
+        _at(SKIPPED, route, upstream, reason).inc()
     if exchange.hedge in ("won", "lost", "not_needed"):
-        HEDGES.labels(route, exchange.hedge).inc()
+        _at(HEDGES, route, exchange.hedge).inc()
     usage = exchange.usage
     if usage is not None and exchange.upstream is not None:
         for kind in ("prompt", "completion"):
             count = usage.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
-                TOKENS.labels(route, exchange.upstream, kind).inc(count)
+                _at(TOKENS, route, exchange.upstream, kind).inc(count)
     overhead = total - upstream_s - exchange.queue_s - exchange.backoff_s
-    OVERHEAD.labels(route).observe(max(0.0, overhead))
+    _at(OVERHEAD, route).observe(max(0.0, overhead))
 
 
 def _timeout_phase(outcome: str) -> str | None:
