@@ -17,8 +17,9 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import SIMULATOR_PREFIX, GatewayApp, create_app
-from gateway.config import LOG_FORMATS, ConfigError, describe_config, load_config
+from gateway.config import LOG_FORMATS, ConfigError, ServerConfig, describe_config, load_config
 from gateway.demo import demo_config, demo_models
+from gateway.http_server import HeaderTimeoutProtocol
 from gateway.observability import logs, metrics
 from gateway.simulator import create_simulator_app
 
@@ -116,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
     log_format = args.log_format
+    server = ServerConfig()  # the demo's
     if path is not None:
         try:
             config = load_config(path)  # fail here, once, with every error, before any worker
@@ -124,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         os.environ[_CONFIG_ENV] = str(path.resolve())
         log_format = log_format or config.server.log_format
+        server = config.server
     else:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         base = f"http://{host}:{args.port}"
@@ -147,7 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=args.access_log,  # the gateway logs each request once, itself
             proxy_headers=False,  # nothing here reads the client's address: skip the layer
             loop=loop,
-            http=http,
+            http=HeaderTimeoutProtocol if http == "httptools" else http,
+            timeout_keep_alive=max(1, round(server.keepalive_s)),
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
     return 0
@@ -182,7 +186,9 @@ def app_factory() -> GatewayApp:
     logs.configure(level, os.environ.get(_LOG_FORMAT_ENV, "text"))  # worker processes start bare
     path = os.environ.get(_CONFIG_ENV)
     if path is not None:
-        return create_app(load_config(path))
+        config = load_config(path)
+        HeaderTimeoutProtocol.header_timeout_s = config.server.header_timeout_s
+        return create_app(config)
     return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
 
 

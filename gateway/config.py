@@ -67,6 +67,8 @@ class ServerConfig:
     log_format: str = "text"  # or "json"
     metrics: bool = True  # record metrics and serve /metrics
     shutdown_grace_s: float = 30.0  # on SIGTERM: time for the work in flight to finish
+    header_timeout_s: float = 10.0  # a client's request line and headers must arrive in this
+    keepalive_s: float = 5.0  # an idle client connection is closed after this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +244,8 @@ def _read_server(r: Reader) -> ServerConfig:
         r.error("log_format", f"must be text or json (got {log_format!r})")
     metrics = r.boolean("metrics", default.metrics)
     shutdown_grace_s = r.seconds("shutdown_grace_s", default.shutdown_grace_s, allow_zero=True)
+    header_timeout_s = r.seconds("header_timeout_s", default.header_timeout_s)
+    keepalive_s = r.seconds("keepalive_s", default.keepalive_s)
     r.unknown_keys()
     deadline = DeadlineConfig(max_s=max_s, margin_s=margin_s, client_headers=client_headers)
     return ServerConfig(
@@ -251,6 +255,8 @@ def _read_server(r: Reader) -> ServerConfig:
         log_format=log_format,
         metrics=metrics,
         shutdown_grace_s=shutdown_grace_s,
+        header_timeout_s=header_timeout_s,
+        keepalive_s=keepalive_s,
     )
 
 
@@ -481,7 +487,9 @@ def describe_config(config: Config) -> str:
         f"client_headers={str(deadline.client_headers).lower()} "
         f"stall_warn_s={_num(config.server.stall_warn_s)} log_format={config.server.log_format} "
         f"metrics={str(config.server.metrics).lower()} "
-        f"shutdown_grace_s={_num(config.server.shutdown_grace_s)}"
+        f"shutdown_grace_s={_num(config.server.shutdown_grace_s)} "
+        f"header_timeout_s={_num(config.server.header_timeout_s)} "
+        f"keepalive_s={_num(config.server.keepalive_s)}"
     ]
     if config.auth is None:
         lines.append("auth: none (open access)")

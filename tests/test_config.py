@@ -662,7 +662,8 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
     assert text == "\n".join(
         [
             "server: max_body_bytes=8388608 deadline.max_s=600 margin_s=0.05 client_headers=true"
-            " stall_warn_s=10 log_format=text metrics=true shutdown_grace_s=30",
+            " stall_warn_s=10 log_format=text metrics=true shutdown_grace_s=30"
+            " header_timeout_s=10 keepalive_s=5",
             "auth: 1 key (team-a)",
             "upstream openai  https://api.openai.com/v1  api_key=***  max_connections=64"
             " max_pending=256 connect_s=2 keepalive_expiry_s=30 max_response_bytes=33554432"
