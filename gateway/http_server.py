@@ -1,5 +1,7 @@
 """The HTTP server's protocol: uvicorn's httptools protocol with a bound on the time a client
-may take to send its request line and headers.
+may take to send its request line and headers, and the OpenAI error envelope for requests the
+HTTP parser itself refuses (bad bytes in a header, ambiguous framing), which uvicorn answers
+in plain text.
 
 uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) but not a request whose
 headers trickle in a byte at a time, nor a connection that sends nothing at all: a few hundred
@@ -14,6 +16,14 @@ import asyncio
 from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import BadRequest
+
+_REFUSED = BadRequest(
+    "The request is not valid HTTP (bad bytes in its request line or headers, or an "
+    "ambiguous length).",
+    code="invalid_request",
+).body()
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -44,6 +54,14 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"x-should-retry: false\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(_REFUSED), _REFUSED)
+        )
+        self.transport.close()
 
     def _headers_too_slow(self) -> None:
         self._head_timer = None

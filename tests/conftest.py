@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.config import parse_config
+from gateway.http_server import HeaderTimeoutProtocol
 from gateway.simulator import create_simulator_app
 
 
@@ -27,7 +28,14 @@ class LiveServer:
     """An ASGI app served by uvicorn on 127.0.0.1 with a free port, in a background thread."""
 
     def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="auto",
+            http=HeaderTimeoutProtocol,  # the protocol `llm-gateway serve` runs
+        )
         self.app = app
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

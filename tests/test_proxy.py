@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from typing import Any
@@ -344,6 +345,8 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert answer.count(b"HTTP/1.1 ") == 1  # nothing served after it
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "invalid_request"
     assert simulator.stats()["total"] == 0
 
 
