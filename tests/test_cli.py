@@ -102,6 +102,7 @@ def free_port() -> int:
 @dataclass
 class Served:
     url: str
+    process: subprocess.Popen[bytes]
     output: str = ""  # everything the process printed, once it has stopped
 
 
@@ -113,7 +114,7 @@ def serving(args: list[str], cwd: Path) -> Iterator[Served]:
     process = subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
     )
-    served = Served(url=f"http://127.0.0.1:{port}")
+    served = Served(url=f"http://127.0.0.1:{port}", process=process)
     url = served.url
     try:
         deadline = time.monotonic() + 20

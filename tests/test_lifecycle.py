@@ -4,10 +4,7 @@ a queued request."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +14,7 @@ import httpx2 as httpx
 import yaml
 
 from tests.conftest import CHAT, Simulator
-from tests.test_cli import free_port
+from tests.test_cli import serving
 
 GRACE_S = 1.5
 LONG = "sim@tokens=400,gap-ms=50"  # 20 s of tokens
@@ -41,26 +38,9 @@ def test_sigterm_drains_then_ends_what_is_left(tmp_path: Path, simulator: Simula
             }
         )
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-    )
     results: dict[str, Any] = {}
-    try:
-        _wait_ready(url, process)
+    with serving(["--config", str(config)], cwd=tmp_path) as served:
+        url = served.url
 
         def stream() -> None:
             lines = []
@@ -87,7 +67,7 @@ def test_sigterm_drains_then_ends_what_is_left(tmp_path: Path, simulator: Simula
         threads[1].start()
         _wait_queued(url)
 
-        process.send_signal(signal.SIGTERM)
+        served.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.2)
         ready = httpx.get(f"{url}/readyz", timeout=5)
@@ -95,14 +75,8 @@ def test_sigterm_drains_then_ends_what_is_left(tmp_path: Path, simulator: Simula
         for thread in threads:
             thread.join(timeout=15)
         ended = time.monotonic() - signalled
-        process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        output = process.stdout.read().decode() if process.stdout else ""
-        if process.stdout:
-            process.stdout.close()
+        served.process.wait(timeout=15)
+    output = served.output
 
     assert GRACE_S - 0.2 <= ended < GRACE_S + 3, ended
     last = json.loads(results["stream"][-1].removeprefix("data: "))
@@ -113,24 +87,11 @@ def test_sigterm_drains_then_ends_what_is_left(tmp_path: Path, simulator: Simula
     assert queued_answer.json()["error"]["code"] == "shutting_down"
     simulator.wait_for(lambda s: s["cancelled"] == 1 and s["open"] == 0)  # upstream cancelled
     # uvicorn re-raises the SIGTERM it handled, so a supervisor sees the signal end it.
-    assert process.returncode == -signal.SIGTERM
+    assert served.process.returncode == -signal.SIGTERM
     assert "Traceback" not in output
     access = [line for line in output.splitlines() if "gateway.access" in line]
     assert len(access) == 2, output
     assert all("outcome=shutting_down" in line for line in access), access
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, "serve exited"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "serve never became ready"
-        time.sleep(0.1)
 
 
 def _wait_queued(url: str) -> None:
