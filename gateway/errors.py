@@ -125,13 +125,7 @@ class UpstreamStatus(GatewayError):
         self.raw_body = body
         self.content_type = headers.get("content-type", "application/json")
         self.passed = dict(passed)  # rate limits and Retry-After, for the client
-        self.retry_after = headers.get("retry-after")
-        self.upstream_headers = {
-            name: value
-            for name in ("retry-after", "retry-after-ms")
-            if (value := headers.get(name)) is not None
-        }
-        self.should_retry = self.retry_after is not None and status in (429, 503)
+        self.should_retry = "retry-after" in self.passed and status in (429, 503)
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), **self.passed, "content-type": self.content_type}

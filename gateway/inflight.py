@@ -41,7 +41,6 @@ class Exchange:
     budget: RequestBudget
     phase: Phase = "queued"
     upstream: str | None = None
-    attempts: int = 0
     committed: bool = False  # response headers went to the client: no more fallback
     finishing: bool = False  # the last message is being sent: a disconnect now is normal
     disconnected: bool = False
@@ -58,6 +57,11 @@ class Exchange:
     hedge: str | None = None  # not_needed, fired, won or lost
     # The cancel scope the request is running in, if any: a disconnect cancels it.
     scope: anyio.CancelScope | None = None
+
+    @property
+    def attempts(self) -> int:
+        """Attempts made (`X-Gateway-Attempts`)."""
+        return len(self.attempt_log)
 
     def abandon(self) -> None:
         """The client went away: stop whatever the request is doing."""

@@ -274,7 +274,6 @@ class Relay:
 
     async def _attempt(self, upstream: Upstream, target: Target, race: _Race | None = None) -> None:
         exchange = self.exchange
-        exchange.attempts += 1
         exchange.upstream = upstream.name
         exchange.phase = "queued"
         record = Attempt(upstream.name, target.model, queued_at=anyio.current_time())
@@ -543,7 +542,7 @@ class _Race:
 def _retry_after(failure: GatewayError | None) -> float | None:
     """Seconds an upstream's error answer asked us to wait before calling it again."""
     if isinstance(failure, UpstreamStatus):
-        return asked_retry_after(failure.upstream_headers, time.time())
+        return asked_retry_after(failure.passed, time.time())  # it keeps Retry-After(-ms)
     return None
 
 
