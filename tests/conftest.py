@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import httpx2 as httpx
@@ -94,28 +94,49 @@ class Simulator(LiveServer):
         return await anyio.to_thread.run_sync(self.wait_for, predicate, within_s)
 
 
-class SocketCounter:
-    """A TCP relay on a loopback port in front of `port` that counts the sockets through it:
-    the one exact way to see how many connections a client really holds open at once."""
+class RawServer:
+    """A raw asyncio TCP server on a loopback port, in a thread with its own loop: for peers
+    that must misbehave below HTTP. Subclasses answer each connection in `handle`."""
 
-    def __init__(self, port: int) -> None:
-        self._target = port
+    def __init__(self) -> None:
         self.port = 0
-        self.open = self.peak = self.total = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         async with server:
             await self._stop.wait()
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __enter__(self) -> Self:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=5)
+
+
+class SocketCounter(RawServer):
+    """A TCP relay on a loopback port in front of `port` that counts the sockets through it:
+    the one exact way to see how many connections a client really holds open at once."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self._target = port
+        self.open = self.peak = self.total = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open += 1
         self.total += 1
         self.peak = max(self.peak, self.open)
@@ -125,16 +146,6 @@ class SocketCounter:
         finally:
             self.open -= 1
             writer.close()
-
-    def __enter__(self) -> SocketCounter:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=5)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

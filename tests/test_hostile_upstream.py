@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import threading
 import zlib
 from collections.abc import Iterator
 
 import httpx2 as httpx
 import pytest
 
-from tests.conftest import CHAT, GatewayFactory, one_route
+from tests.conftest import CHAT, GatewayFactory, RawServer, one_route
 
 LIMIT = 1024 * 1024  # max_response_bytes for these routes
 
@@ -31,25 +30,10 @@ def _gzip_bomb(size: int) -> bytes:
 _BOMB = _gzip_bomb(100 * 1024 * 1024)  # about 100 KB that inflate to 100 MB
 
 
-class HostileUpstream:
-    """A raw HTTP/1.1 server on a loopback port; the path of the model picks the attack."""
+class HostileUpstream(RawServer):
+    """A raw HTTP/1.1 upstream; the model named in the request picks the attack."""
 
-    def __init__(self) -> None:
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(
@@ -85,16 +69,6 @@ class HostileUpstream:
             pass
         finally:
             writer.close()
-
-    def __enter__(self) -> HostileUpstream:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
