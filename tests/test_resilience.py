@@ -28,6 +28,16 @@ from tests.test_relay import chat, two_targets
 pytestmark = pytest.mark.anyio
 
 
+def chat_within(url: str, budget_ms: int) -> httpx.Response:
+    """A chat call whose client allows it `budget_ms` (X-Request-Timeout-Ms)."""
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "m", "messages": CHAT},
+        headers={"x-request-timeout-ms": str(budget_ms)},
+        timeout=10,
+    )
+
+
 def error_code(response: httpx.Response) -> str:
     code: str = response.json()["error"]["code"]
     return code
@@ -191,12 +201,7 @@ def test_a_target_whose_first_token_cannot_fit_is_skipped(
     simulator.wait_for(lambda s: s["open"] == 0)
     before = simulator.stats()["total"]
     started = time.monotonic()
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json={"model": "m", "messages": CHAT},
-        headers={"x-request-timeout-ms": "400"},
-        timeout=10,
-    )
+    response = chat_within(server.url, 400)
     assert response.status_code == 200
     assert response.headers["x-gateway-upstream"] == "backup"  # primary would not make it
     assert response.headers["x-gateway-attempts"] == "1"
@@ -210,12 +215,7 @@ def test_no_target_fits_is_a_504_at_once(gateway: GatewayFactory, simulator: Sim
         assert chat(server.url).status_code == 200
     before = simulator.stats()["total"]
     started = time.monotonic()
-    response = httpx.post(
-        f"{server.url}/v1/chat/completions",
-        json={"model": "m", "messages": CHAT},
-        headers={"x-request-timeout-ms": "300"},
-        timeout=10,
-    )
+    response = chat_within(server.url, 300)
     assert response.status_code == 504
     assert error_code(response) == "deadline_exceeded"
     assert time.monotonic() - started < 0.2  # not after waiting out the 300 ms
@@ -297,12 +297,7 @@ def test_a_callers_own_short_deadline_never_ejects(
     data["upstreams"][0]["outlier"] = {"consecutive_failures": 2, "base_ejection_s": 30}
     server = gateway(data)
     for _ in range(3):
-        response = httpx.post(
-            f"{server.url}/v1/chat/completions",
-            json={"model": "m", "messages": CHAT},
-            headers={"x-request-timeout-ms": "200"},
-            timeout=10,
-        )
+        response = chat_within(server.url, 200)
         assert response.status_code == 504
     assert chat(server.url).status_code == 200  # still in service
 

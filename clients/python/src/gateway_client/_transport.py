@@ -198,15 +198,11 @@ class AsyncDeadlineTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-class _AsyncGuardedStream(httpx.AsyncByteStream):
-    def __init__(
-        self,
-        inner: httpx.AsyncByteStream,
-        request: httpx.Request,
-        response: httpx.Response,
-        budget: Budget,
-    ) -> None:
-        self._inner = inner
+class _Guard:
+    """What both guarded streams do per chunk: check the deadline, pass the bytes on, and turn
+    a gateway's final SSE error event (or a read timeout) into the error it means."""
+
+    def __init__(self, request: httpx.Request, response: httpx.Response, budget: Budget) -> None:
         self._budget = budget
         self._scanner = (
             ErrorEventScanner(request, response.headers, budget)
@@ -214,23 +210,44 @@ class _AsyncGuardedStream(httpx.AsyncByteStream):
             else None
         )
 
+    def _pass(self, chunk: bytes) -> tuple[bytes, Exception | None]:
+        """The bytes to hand on, and the error to raise after them (a final error event)."""
+        self._budget.check()
+        if self._scanner is None:
+            return chunk, None
+        return self._scanner.feed(chunk)
+
+    def _rest(self) -> bytes:
+        return self._scanner.flush() if self._scanner is not None else b""
+
+    def _timeout(self, exc: httpx.TimeoutException) -> BaseException:
+        return timeout_error(exc, self._budget) or exc
+
+
+class _AsyncGuardedStream(_Guard, httpx.AsyncByteStream):
+    def __init__(
+        self,
+        inner: httpx.AsyncByteStream,
+        request: httpx.Request,
+        response: httpx.Response,
+        budget: Budget,
+    ) -> None:
+        super().__init__(request, response, budget)
+        self._inner = inner
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._inner:
-                self._budget.check()
-                if self._scanner is None:
-                    yield chunk
-                    continue
-                passed, error = self._scanner.feed(chunk)
+                passed, error = self._pass(chunk)
                 if passed:
                     yield passed
                 if error is not None:
                     raise error
-            if self._scanner is not None and (rest := self._scanner.flush()):
+            if rest := self._rest():
                 yield rest
         except httpx.TimeoutException as exc:
-            if (exceeded := timeout_error(exc, self._budget)) is not None:
-                raise exceeded from exc
+            if (mapped := self._timeout(exc)) is not exc:
+                raise mapped from exc
             raise
 
     async def aclose(self) -> None:
@@ -265,7 +282,7 @@ class DeadlineTransport(httpx.BaseTransport):
         self._inner.close()
 
 
-class _SyncGuardedStream(httpx.SyncByteStream):
+class _SyncGuardedStream(_Guard, httpx.SyncByteStream):
     def __init__(
         self,
         inner: httpx.SyncByteStream,
@@ -273,31 +290,22 @@ class _SyncGuardedStream(httpx.SyncByteStream):
         response: httpx.Response,
         budget: Budget,
     ) -> None:
+        super().__init__(request, response, budget)
         self._inner = inner
-        self._budget = budget
-        self._scanner = (
-            ErrorEventScanner(request, response.headers, budget)
-            if is_event_stream(response)
-            else None
-        )
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             for chunk in self._inner:
-                self._budget.check()
-                if self._scanner is None:
-                    yield chunk
-                    continue
-                passed, error = self._scanner.feed(chunk)
+                passed, error = self._pass(chunk)
                 if passed:
                     yield passed
                 if error is not None:
                     raise error
-            if self._scanner is not None and (rest := self._scanner.flush()):
+            if rest := self._rest():
                 yield rest
         except httpx.TimeoutException as exc:
-            if (exceeded := timeout_error(exc, self._budget)) is not None:
-                raise exceeded from exc
+            if (mapped := self._timeout(exc)) is not exc:
+                raise mapped from exc
             raise
 
     def close(self) -> None:
