@@ -20,6 +20,7 @@ from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, 
 from gateway.inflight import Inflight
 from gateway.lifecycle import Lifecycle
 from gateway.observability import metrics
+from gateway.protocols.api import APIS
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
 from gateway.simulator import create_simulator_app
@@ -28,7 +29,6 @@ from gateway.upstream import Upstream
 log = logging.getLogger("gateway")
 
 SIMULATOR_PREFIX = "/sim-upstream"
-PROXIED_PATHS = ("chat/completions", "completions", "embeddings")
 
 
 def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
@@ -73,7 +73,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
         return JSONResponse({"inflight": gateway.inflight.snapshot(), "pools": pools})
 
-    proxied = {f"/v1/{path}": ProxyEndpoint(gateway, path) for path in PROXIED_PATHS}
+    proxied = {f"/v1/{path}": ProxyEndpoint(gateway, api) for path, api in APIS.items()}
     routes: list[BaseRoute] = [
         Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()
     ]
@@ -138,9 +138,8 @@ class GatewayApp:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._proxied.get(scope["path"])
             if endpoint is not None and self.lifecycle.cut:  # stopping: no new work
-                await _send_error(
-                    send, Overloaded("The gateway is shutting down.", code="shutting_down")
-                )
+                error = Overloaded("The gateway is shutting down.", code="shutting_down")
+                await _send_error(send, error, endpoint.api.errors.body(error))
                 return
             if endpoint is not None:
                 await endpoint(scope, receive, send)
@@ -161,12 +160,11 @@ async def _refuse_framing(send: Send) -> None:
         "The request has both Content-Length and Transfer-Encoding (or conflicting lengths).",
         code="invalid_request",
     )
-    await _send_error(send, error)
+    await _send_error(send, error, error.body())
 
 
-async def _send_error(send: Send, error: GatewayError) -> None:
+async def _send_error(send: Send, error: GatewayError, body: bytes) -> None:
     """An error answered before any app code runs; the connection is closed after it."""
-    body = error.body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

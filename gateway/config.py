@@ -13,11 +13,13 @@ is in `gateway.config_loader`; this module holds the schema.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config_loader import ConfigError, Reader, got, read_yaml
@@ -103,6 +105,7 @@ class UpstreamConfig:
 
     name: str
     base_url: str  # normalised: no trailing slash
+    kind: Literal["openai", "anthropic"] = "openai"  # the API it speaks
     api_key: str | None = field(default=None, repr=False)
     max_connections: int = 64
     max_pending: int = 256
@@ -112,6 +115,8 @@ class UpstreamConfig:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # sent on every call
     forward_headers: tuple[str, ...] = ()  # client headers passed on (lower-cased names)
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
+    anthropic_version: str = "2023-06-01"  # kind anthropic: unless a /v1/messages client sets it
+    default_max_tokens: int = 4096  # kind anthropic: for chat requests that set no max_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,9 +280,20 @@ def _read_auth(r: Reader) -> AuthConfig:
 
 def _read_upstream(r: Reader) -> UpstreamConfig:
     default = UpstreamConfig(name="", base_url="")
+    kind = r.optional_text("kind") or default.kind
+    if kind not in ("openai", "anthropic"):
+        r.error("kind", f"must be openai or anthropic (got {kind!r})")
+        kind = default.kind
+    base_url = _read_base_url(r)
+    if kind == "anthropic" and r.ok("base_url") and not base_url.endswith("/v1"):
+        r.error(
+            "base_url",
+            "an anthropic upstream's base_url ends in /v1 (https://api.anthropic.com/v1)",
+        )
     upstream = UpstreamConfig(
         name=r.text("name"),
-        base_url=_read_base_url(r),
+        base_url=base_url,
+        kind="anthropic" if kind == "anthropic" else "openai",
         api_key=r.optional_text("api_key", secret=True),
         max_connections=r.integer("max_connections", default.max_connections),
         max_pending=r.integer("max_pending", default.max_pending, minimum=0),
@@ -287,9 +303,22 @@ def _read_upstream(r: Reader) -> UpstreamConfig:
         headers=_read_headers(r),
         forward_headers=_read_forward_headers(r),
         outlier=_read_outlier(r.section("outlier")),
+        anthropic_version=_read_anthropic_version(r) or default.anthropic_version,
+        default_max_tokens=r.integer("default_max_tokens", default.default_max_tokens),
     )
+    for key in ("anthropic_version", "default_max_tokens"):
+        if kind != "anthropic" and r.has(key):
+            r.error(key, "is only for upstreams of kind anthropic")
     r.unknown_keys()
     return upstream
+
+
+def _read_anthropic_version(r: Reader) -> str | None:
+    """A version is a date, which YAML reads as one when it is not quoted: take it as written."""
+    value = r.get("anthropic_version")
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return r.optional_text("anthropic_version")
 
 
 # Never set from config or passed from a client: framing, auth and routing are the gateway's.
@@ -499,7 +528,7 @@ def describe_config(config: Config) -> str:
         lines.append(f"auth: {count} key{'s' * (count != 1)} ({names})")
     for u in config.upstreams:
         lines.append(
-            f"upstream {u.name}  {_mask_url(u.base_url)}  "
+            f"upstream {u.name}  {_mask_url(u.base_url)}{_anthropic(u)}  "
             f"api_key={'***' if u.api_key else 'none'}  max_connections={u.max_connections} "
             f"max_pending={u.max_pending} connect_s={_num(u.connect_s)} "
             f"keepalive_expiry_s={_num(u.keepalive_expiry_s)} "
@@ -525,6 +554,15 @@ def describe_config(config: Config) -> str:
             fallback = " (fallback)" if i > 1 else ""
             lines.append(f"  {i}. {target.upstream} -> {target.model}{fallback}")
     return "\n".join(lines)
+
+
+def _anthropic(upstream: UpstreamConfig) -> str:
+    if upstream.kind != "anthropic":
+        return ""
+    return (
+        f"  kind=anthropic anthropic_version={upstream.anthropic_version}"
+        f" default_max_tokens={upstream.default_max_tokens}"
+    )
 
 
 def _header_names(upstream: UpstreamConfig) -> str:

@@ -37,12 +37,25 @@ def demo_config(base_url: str) -> Config:
             "budget": {"total_s": 30},
         }
     )
+    # The simulator speaks the Messages API too: chat calls to `demo-claude` are translated,
+    # and the `anthropic` SDK can call /v1/messages with it.
+    routes.append(
+        {
+            "model": "demo-claude",
+            "targets": [{"upstream": "simulator-anthropic", "model": "claude@tokens=12,gap-ms=40"}],
+            "budget": {"total_s": 30},
+        }
+    )
+    anthropic = {"name": "simulator-anthropic", "base_url": base_url, "kind": "anthropic"}
     data = {
-        "upstreams": [{"name": "simulator", "base_url": base_url, "max_connections": 32}],
+        "upstreams": [
+            {"name": "simulator", "base_url": base_url, "max_connections": 32},
+            {**anthropic, "max_connections": 32},
+        ],
         "routes": routes,
     }
     return parse_config(data, env={})
 
 
 def demo_models() -> list[str]:
-    return [*_DEMO_ROUTES, "demo-fallback"]
+    return [*_DEMO_ROUTES, "demo-fallback", "demo-claude"]

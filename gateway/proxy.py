@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from gateway import jsonbody
-from gateway.config import Config, Route
+from gateway.config import Config, Route, Target
 from gateway.deadline import ClientHints, budget_ceiling, parse_hints, resolve_budget
 from gateway.errors import (
     AuthenticationFailed,
@@ -34,6 +34,7 @@ from gateway.errors import (
 from gateway.inflight import Exchange, Inflight, new_request_id
 from gateway.observability import logs, metrics
 from gateway.observability.metrics import enabled as metrics_enabled
+from gateway.protocols.api import Api, unsupported
 from gateway.relay import Relay
 from gateway.responses import ClientGone, ResponseWriter
 from gateway.routing import Router
@@ -49,31 +50,37 @@ class Gateway:
     upstreams: Mapping[str, Upstream]
     inflight: Inflight
 
-    def authenticate(self, headers: Headers) -> None:
+    def authenticate(self, headers: Headers, key_header: str | None = None) -> None:
+        """`Authorization: Bearer <key>`, or the endpoint's own key header (`x-api-key` on
+        /v1/messages, where the `anthropic` SDK sends it)."""
         auth = self.config.auth
         if auth is None:
             return
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        given = token.strip().encode()
+        given = token.strip() if scheme.lower() == "bearer" else ""
+        if not given and key_header is not None:
+            given = headers.get(key_header, "").strip()
         # Compare with every key, so the time taken says nothing about which one was close.
-        matches = [hmac.compare_digest(given, key.key.encode()) for key in auth.keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        matches = [hmac.compare_digest(given.encode(), key.key.encode()) for key in auth.keys]
+        if not given or not any(matches):
+            how = "'Authorization: Bearer <key>'"
+            how += f" or '{key_header}: <key>'" if key_header else ""
             raise AuthenticationFailed(
-                "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                code="invalid_api_key",
+                f"Missing or invalid API key: send {how}.", code="invalid_api_key"
             )
 
 
 class ProxyEndpoint:
-    def __init__(self, gateway: Gateway, path: str) -> None:
+    def __init__(self, gateway: Gateway, api: Api) -> None:
         self.gateway = gateway
-        self.path = path  # relative to the upstream's base_url, e.g. "chat/completions"
+        self.api = api
+        self.path = api.path  # after /v1/, e.g. "chat/completions"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = anyio.current_time()
         headers = Headers(scope=scope)
         request_id = _request_id(headers)
-        writer = ResponseWriter(send)
+        writer = ResponseWriter(send, self.api.errors)
         try:
             await self._serve(arrival, headers, request_id, receive, writer)
         except Exception:  # a bug: still one envelope, one access line, one traceback
@@ -94,7 +101,7 @@ class ProxyEndpoint:
     ) -> None:
         reply_headers = {"x-request-id": request_id}
         try:
-            exchange, route, body, payload = await self._admit(
+            exchange, route, targets, body, payload = await self._admit(
                 arrival, headers, receive, request_id
             )
         except GatewayError as error:
@@ -110,7 +117,8 @@ class ProxyEndpoint:
         relay = Relay(
             exchange=exchange,
             route=route,
-            path=self.path,
+            api=self.api,
+            targets=targets,
             body=body,
             payload=payload,
             upstreams=self.gateway.upstreams,
@@ -140,9 +148,9 @@ class ProxyEndpoint:
 
     async def _admit(
         self, arrival: float, headers: Headers, receive: Receive, request_id: str
-    ) -> tuple[Exchange, Route, bytes, dict[str, Any]]:
+    ) -> tuple[Exchange, Route, list[Target], bytes, dict[str, Any]]:
         config = self.gateway.config
-        self.gateway.authenticate(headers)
+        self.gateway.authenticate(headers, self.api.key_header)
         limits = config.server.deadline
         hints = parse_hints(headers) if limits.client_headers else ClientHints()
         ceiling = budget_ceiling(arrival=arrival, limits=limits, hints=hints)
@@ -152,8 +160,9 @@ class ProxyEndpoint:
         if upload.cancelled_caught:  # a slow upload counts against the deadline
             raise BudgetExceeded("total", "The request body did not arrive within the deadline.")
         payload, model, stream = parse_payload(body)
-        stream = stream and self.path != "embeddings"  # embeddings never stream
+        stream = stream and self.api.stream is not None  # embeddings never stream
         route = self.gateway.router.route_for(model)
+        targets = self._targets(route, model, payload)
         budget = resolve_budget(
             arrival=arrival, budget=route.budget, limits=limits, hints=hints, stream=stream
         )
@@ -162,7 +171,22 @@ class ProxyEndpoint:
         exchange = Exchange(
             request_id=request_id, route=model, stream=stream, arrival=arrival, budget=budget
         )
-        return exchange, route, body, payload
+        return exchange, route, targets, body, payload
+
+    def _targets(self, route: Route, model: str, payload: dict[str, Any]) -> list[Target]:
+        """The route's targets that can serve this endpoint; 400 if none can, or if the
+        request cannot be translated for one of them."""
+        upstreams = self.gateway.upstreams
+        targets = [
+            target
+            for target in route.targets
+            if upstreams[target.upstream].config.kind in self.api.served_by
+        ]
+        if not targets:
+            raise unsupported(self.api, model)
+        for target in targets:
+            self.api.translation(upstreams[target.upstream].config).check(payload)
+        return targets
 
 
 def parse_payload(body: bytes) -> tuple[dict[str, Any], str, bool]:

@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -40,12 +40,12 @@ from gateway.errors import (
     UpstreamStatus,
 )
 from gateway.inflight import Attempt, Exchange
-from gateway.openai_stream import Assembler, Kind, streamable
+from gateway.protocols.api import Api, Assembly, Translation
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition, upstreams_fault
-from gateway.sse import Event, error_event
+from gateway.sse import Event
 from gateway.upstream import (
     UPSTREAM_ERRORS,
     Upstream,
@@ -58,18 +58,11 @@ from gateway.upstream_reader import (
     IdleWatchdog,
     read_limited,
     read_whole,
-    until_done,
 )
 
 attempt_log = logging.getLogger("gateway.attempt")  # one line per failed or skipped attempt
 _RNG = random.Random()  # backoff jitter
 
-_KINDS: dict[str, Kind] = {"chat/completions": "chat", "completions": "text"}
-# What a non-streaming call asks of the upstream, so the stream guards apply to it too.
-_STREAM_FIELDS = {"stream": True, "stream_options": {"include_usage": True}}
-# Client headers every upstream gets (besides the trace context); the rest only if its
-# `forward_headers` names them: a client must not pick what is billed under the gateway's key.
-_ALWAYS_FORWARDED = ("openai-beta",)
 _GRACE_S = 1.0  # for the last words to a client after the budget is spent
 
 
@@ -79,7 +72,8 @@ class Relay:
         *,
         exchange: Exchange,
         route: Route,
-        path: str,
+        api: Api,
+        targets: Sequence[Target],
         body: bytes,
         payload: dict[str, Any],
         upstreams: Mapping[str, Upstream],
@@ -92,7 +86,8 @@ class Relay:
         self.exchange = exchange
         self.route = route
         self.state = state
-        self.path = path
+        self.api = api
+        self.targets = targets  # the route's targets whose upstreams can serve `api`
         self.body = body  # as the client sent it: forwarded with only `model` swapped
         self.payload = payload
         self.upstreams = upstreams
@@ -101,16 +96,21 @@ class Relay:
         self.trace_headers = trace_headers  # the client's W3C trace context, for the upstream
         self.client_headers = client_headers  # forwarded: only what an allowlist names
         self._passed: dict[str, str] = {}  # the answering upstream's rate-limit headers
-        kind = _KINDS.get(path)
+        rules = api.stream
         # Assemble: the client wants a whole answer, the upstream is asked for a stream.
         self.assemble = (
-            kind is not None
+            rules is not None
             and not exchange.stream
             and route.upstream_stream
-            and streamable(kind, payload)
+            and rules.streamable(payload)
         )
-        # The protocol of the upstream exchange: a stream of `kind`, or None for a whole body.
-        self.kind: Kind | None = kind if exchange.stream or self.assemble else None
+        # The upstream's answer is read as a stream (guarded by ttft_s and idle_s), or whole.
+        self.streamed = rules is not None and (exchange.stream or self.assemble)
+        options = payload.get("stream_options")
+        # Usage goes in a translated stream if asked for, and always in an assembled answer.
+        self.include_usage = self.assemble or (
+            isinstance(options, dict) and options.get("include_usage") is True
+        )
         self._tried: set[tuple[Target, int]] = set()  # (target, try) made by a hedge
 
     async def run(self) -> GatewayError | None:
@@ -153,7 +153,8 @@ class Relay:
         ejected: list[float] = []  # seconds until each ejected target's probe
         self._tried.clear()
         state.retry_budget.record_request(anyio.current_time())
-        for index, target in enumerate(route.targets):
+        targets = self.targets
+        for index, target in enumerate(targets):
             upstream = self.upstreams[target.upstream]
             for number in range(1, route.retry.attempts + 1):
                 if (target, number) in self._tried:  # a hedge already made this one
@@ -183,7 +184,7 @@ class Relay:
                 if wait:
                     exchange.backoff_s += wait
                     await anyio.sleep(wait)
-                following = route.targets[index + 1] if index + 1 < len(route.targets) else None
+                following = targets[index + 1] if index + 1 < len(targets) else None
                 delay = self._hedge_delay(target) if number == 1 else None
                 try:
                     if delay is not None and following is not None:
@@ -208,7 +209,7 @@ class Relay:
     def _fits(self, target: Target, wait: float) -> bool:
         now = anyio.current_time()
         remaining = self.exchange.budget.deadline.at - now - wait
-        typical = self.state.ttft[target].typical(now) if self.kind is not None else None
+        typical = self.state.ttft[target].typical(now) if self.streamed else None
         return fits(remaining, min_attempt_s=self.route.retry.min_attempt_s, typical_ttft=typical)
 
     def _skip(self, target: Target, reason: str) -> None:
@@ -220,7 +221,7 @@ class Relay:
 
     def _hedge_delay(self, target: Target) -> float | None:
         hedge = self.route.hedge
-        if hedge is None or self.kind is None:  # a whole answer has no first token to race
+        if hedge is None or not self.streamed:  # a whole answer has no first token to race
             return None
         if hedge.after_s is not None:
             return hedge.after_s
@@ -338,40 +339,35 @@ class Relay:
         budget = exchange.budget
         started = record.started
         attempt_end = min(started + budget.attempt_s, budget.deadline.at)
-        headers = {
-            "content-type": "application/json",
-            "accept": "application/json" if self.kind is None else "text/event-stream",
-            "x-request-id": exchange.request_id,
-            "x-request-timeout-ms": timeout_header_ms(attempt_end - started - budget.margin_s),
-            **self.trace_headers,
-            **{
-                name: value
-                for name in (*_ALWAYS_FORWARDED, *upstream.config.forward_headers)
-                if (value := self.client_headers.get(name)) is not None
-            },
-        }
-        if self.assemble:
-            body = jsonbody.with_fields(self.body, self.payload, target.model, _STREAM_FIELDS)
-        else:
-            body = jsonbody.with_model(self.body, self.payload, target.model)
+        translation = self.api.translation(upstream.config)
+        headers = self._headers(upstream, translation, attempt_end - started - budget.margin_s)
+        body = translation.request(self.body, self.payload, target.model, stream=self.streamed)
         response: aiohttp.ClientResponse | None = None
         try:
             exchange.phase = "connecting"
-            if self.kind is None:  # a whole answer: the attempt and the deadline bound it
-                response = await self._send(upstream, body, headers, started)
+            if not self.streamed:  # a whole answer: the attempt and the deadline bound it
+                response = await self._send(upstream, translation, body, headers, started)
                 self._passed = passed_headers(response.headers)
-                await self._relay_whole(response, upstream.config.max_response_bytes)
+                await self._relay_whole(response, translation, upstream.config.max_response_bytes)
                 return
+            rules = self.api.stream
+            assert rules is not None  # streamed
             # The first token is due `ttft_s` after the attempt starts, whatever holds it up
             # (connect, headers, keep-alives, role-only chunks); no scope needed if the
             # deadline comes first.
             first_due = started + budget.ttft_s
-            assembler = Assembler(self.kind) if self.assemble else None
+            assembler = rules.assembler() if self.assemble else None
             with anyio.CancelScope(
                 deadline=first_due if first_due < attempt_end else math.inf
             ) as first_scope:
-                response = await self._send(upstream, body, headers, started)
-                events = ContentEvents(response, assembler, upstream.config.max_response_bytes)
+                response = await self._send(upstream, translation, body, headers, started)
+                events = ContentEvents(
+                    response,
+                    rules,
+                    assembler=assembler,
+                    translator=translation.events(self.include_usage),
+                    limit=upstream.config.max_response_bytes,
+                )
                 first = await events.until_token()
             if first_scope.cancelled_caught:
                 raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
@@ -401,12 +397,39 @@ class Relay:
             if response is not None:
                 upstream.close(response)
 
+    def _headers(
+        self, upstream: Upstream, translation: Translation, timeout_s: float
+    ) -> dict[str, str]:
+        """An attempt's headers. Of the client's: the trace context, the protocol's own
+        (`openai-beta`, `anthropic-version`) and what the upstream's `forward_headers` names;
+        a client must not pick what is billed under the gateway's key."""
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if self.streamed else "application/json",
+            "x-request-id": self.exchange.request_id,
+            "x-request-timeout-ms": timeout_header_ms(timeout_s),
+            **self.trace_headers,
+            **{
+                name: value
+                for name in (*translation.forwarded, *upstream.config.forward_headers)
+                if (value := self.client_headers.get(name)) is not None
+            },
+        }
+        if upstream.config.kind == "anthropic":
+            headers.setdefault("anthropic-version", upstream.config.anthropic_version)
+        return headers
+
     async def _send(
-        self, upstream: Upstream, body: bytes, headers: dict[str, str], started: float
+        self,
+        upstream: Upstream,
+        translation: Translation,
+        body: bytes,
+        headers: dict[str, str],
+        started: float,
     ) -> aiohttp.ClientResponse:
         """Send the attempt; its response once the headers are in, or its error status."""
         exchange = self.exchange
-        response = await upstream.send(self.path, body, headers)
+        response = await upstream.send(translation.path, body, headers)
         exchange.upstream_s = anyio.current_time() - started
         exchange.phase = "waiting_first_token"
         if response.status >= 400:
@@ -414,7 +437,7 @@ class Relay:
                 error_body = await read_limited(response)
             finally:
                 upstream.close(response)
-            raise UpstreamStatus(
+            raise translation.error(
                 response.status,
                 mask_secrets(error_body, upstream.config),
                 response.headers,
@@ -422,14 +445,22 @@ class Relay:
             )
         return response
 
-    async def _relay_whole(self, response: aiohttp.ClientResponse, limit: int) -> None:
+    async def _relay_whole(
+        self, response: aiohttp.ClientResponse, translation: Translation, limit: int
+    ) -> None:
         """A whole answer (never hedged: there is no first token to race for)."""
-        body = await read_whole(response, limit)
+        body = translation.whole(await read_whole(response, limit))
         answer = jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 to choke on
-        self.exchange.usage = _usage(answer)
+        self.exchange.usage = self._usage(answer)
         self.exchange.ttft_s = anyio.current_time() - self.exchange.arrival
         content_type = response.headers.get("content-type", "application/json")
         await self._answer_whole(content_type, body)
+
+    def _usage(self, answer: object) -> dict[str, Any] | None:
+        if self.api.stream is not None:
+            return self.api.stream.usage(answer)
+        usage = answer.get("usage") if isinstance(answer, dict) else None  # embeddings
+        return usage if isinstance(usage, dict) else None
 
     async def _answer_whole(self, content_type: str, body: bytes) -> None:
         self.exchange.committed = self.exchange.finishing = True
@@ -439,7 +470,8 @@ class Relay:
         self, first: list[Event], events: ContentEvents, record: Attempt
     ) -> None:
         """Commit on the first token, then pass each chunk's events on as one write; `idle_s`
-        bounds every gap, kept by one lazily re-armed timer, not a scope per event."""
+        bounds every gap between content (keep-alives are passed on but do not count), kept
+        by one lazily re-armed timer, not a scope per event."""
         exchange = self.exchange
         idle_s = exchange.budget.idle_s
         await self.writer.start(200, self._success_headers("text/event-stream"))
@@ -449,16 +481,15 @@ class Relay:
             watchdog = IdleWatchdog(idle_scope, idle_s)
             try:
                 while batch is not None:
-                    done = until_done(batch)
-                    exchange.finishing = done is not None
-                    if done is not None:
-                        exchange.usage = _stream_usage(batch)
-                        await self.writer.body(done, more=False)
-                        return
+                    last = events.ended
+                    exchange.finishing = last
                     raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
-                    await self.writer.body(raw)
-                    # The gap is counted from here, so a slow client is not an idle upstream.
-                    exchange.last_content_at = watchdog.touch()
+                    await self.writer.body(raw, more=not last)
+                    if last:
+                        exchange.usage = events.usage
+                        return
+                    if events.live:  # counted from here, so a slow client is not an idle upstream
+                        exchange.last_content_at = watchdog.touch()
                     batch = await events.next_batch()
             finally:
                 watchdog.stop()
@@ -469,7 +500,7 @@ class Relay:
         await self.writer.body(b"", more=False)
 
     async def _relay_assembled(
-        self, assembler: Assembler, events: ContentEvents, record: Attempt
+        self, assembler: Assembly, events: ContentEvents, record: Attempt
     ) -> None:
         """Read the rest of the stream under `idle_s` (nothing is sent yet, so a stall can
         still fall over), then answer with the non-streaming body it adds up to."""
@@ -479,7 +510,8 @@ class Relay:
             watchdog = IdleWatchdog(idle_scope, idle_s)
             try:
                 while not events.done and await events.next_batch() is not None:
-                    exchange.last_content_at = watchdog.touch()
+                    if events.live:
+                        exchange.last_content_at = watchdog.touch()
             finally:
                 watchdog.stop()
                 record.max_gap_s = watchdog.max_gap
@@ -491,13 +523,13 @@ class Relay:
                 code="upstream_protocol_error",
             )
         answer = assembler.result()
-        exchange.usage = _usage(answer)
+        exchange.usage = events.usage or self._usage(answer)
         await self._answer_whole("application/json", jsonbody.dumps(answer))
 
     async def _answer_failure(self, failure: GatewayError) -> None:
         self.exchange.finishing = True  # the last words: a disconnect after them is normal
         if self.exchange.committed:
-            await self.writer.body(error_event(failure), more=False)
+            await self.writer.body(self.api.errors.event(failure), more=False)
         else:
             headers = {**self.headers, "server-timing": self.exchange.server_timing()}
             if self.exchange.upstream is not None:
@@ -543,21 +575,4 @@ def _retry_after(failure: GatewayError | None) -> float | None:
     """Seconds an upstream's error answer asked us to wait before calling it again."""
     if isinstance(failure, UpstreamStatus):
         return asked_retry_after(failure.passed, time.time())  # it keeps Retry-After(-ms)
-    return None
-
-
-def _usage(answer: object) -> dict[str, Any] | None:
-    usage = answer.get("usage") if isinstance(answer, dict) else None
-    return usage if isinstance(usage, dict) else None
-
-
-def _stream_usage(batch: list[Event]) -> dict[str, Any] | None:
-    """The usage a stream reports in its last chunk before [DONE] (include_usage), if any:
-    the one event of a relayed stream that is parsed after the first token."""
-    for event in reversed(batch):
-        if not event.is_done and event.data and b'"usage"' in event.data:
-            try:
-                return _usage(jsonbody.loads(event.data))
-            except ValueError:
-                return None
     return None

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from starlette.types import Send
 
 from gateway.errors import GatewayError
+from gateway.protocols.api import ErrorFormat
+from gateway.protocols.openai import OpenAIErrors
 
 
 class ClientGone(Exception):
@@ -14,8 +16,9 @@ class ClientGone(Exception):
 
 
 class ResponseWriter:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, errors: ErrorFormat | None = None) -> None:
         self._send = send
+        self.errors = errors or OpenAIErrors()  # the shape of the endpoint's errors
         self.started = False  # the status line went out: errors can only be SSE events now
 
     async def start(self, status: int, headers: Mapping[str, str]) -> None:
@@ -32,7 +35,7 @@ class ResponseWriter:
 
     async def error(self, error: GatewayError, headers: Mapping[str, str]) -> None:
         base = {"content-type": "application/json", **headers}
-        await self.whole(error.status, {**base, **error.headers()}, error.body())
+        await self.whole(error.status, {**base, **error.headers()}, self.errors.body(error))
 
     async def _emit(self, message: dict[str, object]) -> None:
         try:

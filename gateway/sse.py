@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError
-
 MAX_EVENT_BYTES = 1024 * 1024  # an event this large without a terminator is not SSE
 
 
@@ -29,6 +27,9 @@ class Event:
     @property
     def is_done(self) -> bool:
         return self.data == b"[DONE]"
+
+
+DONE = Event(raw=b"data: [DONE]\n\n", data=b"[DONE]")  # how an OpenAI stream ends
 
 
 class SSEDecoder:
@@ -63,8 +64,3 @@ def _event(block: bytes) -> Event:
             value = line[5:]
             data.append(value[1:] if value.startswith(b" ") else value)
     return Event(raw=block + b"\n\n", data=b"\n".join(data) if data else None)
-
-
-def error_event(error: GatewayError) -> bytes:
-    """The terminal event for a stream that fails after it started: the OpenAI error shape."""
-    return b"data: " + error.body() + b"\n\n"

@@ -96,7 +96,11 @@ class Upstream:
         self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
         self.outlier = OutlierDetector(config.outlier)
         self._base = config.base_url.rstrip("/") + "/"
-        auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        auth: dict[str, str] = {}
+        if config.api_key and config.kind == "anthropic":
+            auth = {"x-api-key": config.api_key}
+        elif config.api_key:
+            auth = {"authorization": f"Bearer {config.api_key}"}
         self._static = {**dict(config.headers), **auth}  # on every request, after the caller's
         self._session: aiohttp.ClientSession | None = None
         # Our own view of the pool (aiohttp has no public one): every socket the client opened,
@@ -167,13 +171,14 @@ class Upstream:
 # clients and SDKs act on. Never cookies, the upstream's organization, hop-by-hop headers or
 # anything naming internal hosts.
 _PASSED = ("openai-processing-ms", "retry-after", "retry-after-ms")
+_RATE_LIMITS = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {
         name.lower(): value
         for name, value in headers.items()
-        if name.lower() in _PASSED or name.lower().startswith("x-ratelimit-")
+        if name.lower() in _PASSED or name.lower().startswith(_RATE_LIMITS)
     }
 
 

@@ -5,34 +5,53 @@ time, the first token among them, the idle watchdog that bounds the gaps, a boun
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import anyio
 
 from gateway import jsonbody
-from gateway.openai_stream import Assembler, carries_token
-from gateway.sse import Event, SSEDecoder
+from gateway.errors import UpstreamFailed
+from gateway.protocols.api import Assembly, EventTranslator, StreamRules
+from gateway.sse import DONE, Event, SSEDecoder
 
 MAX_ERROR_BODY = 1024 * 1024
 
 
 class ContentEvents:
-    """The upstream's content events, a chunk's worth at a time; keep-alive comments dropped.
+    """The upstream's content events, a chunk's worth at a time, in the client's protocol
+    (translated if a translator is given); SSE comments dropped.
 
-    Events are parsed until the first token (garbage is a 502, and a role-only chunk is not a
-    token); after it they are relayed as they came, unparsed, unless an assembler needs them.
+    Events are parsed until the first token (garbage is a 502; a role-only chunk, a `ping` or
+    `response.created` is not a token, and an error event is the attempt's failure). After it,
+    OpenAI streams are relayed as they came, unparsed, unless an assembler needs them; streams
+    with a last event of their own (Messages, Responses) stay parsed, to see it and the
+    keep-alives that must not count as content.
     """
 
     def __init__(
-        self, response: aiohttp.ClientResponse, assembler: Assembler | None, limit: int
+        self,
+        response: aiohttp.ClientResponse,
+        rules: StreamRules,
+        *,
+        assembler: Assembly | None,
+        translator: EventTranslator | None,
+        limit: int,
     ) -> None:
         self._content = response.content
+        self._rules = rules
         self._left = limit if assembler is not None else None  # bytes an assembly may hold
         self._decoder = SSEDecoder()
         self._assembler = assembler
+        self._translator = translator
+        self._keep_parsing = assembler is not None or rules.terminal_required
+        self._strict = rules.terminal_required or translator is not None
         self._parse = True
         self.token_seen = False
-        self.done = False  # `data: [DONE]` or the end of the body
+        self.live = False  # the last batch had something besides keep-alives
+        self.ended = False  # the stream's last event came (`[DONE]`, `message_stop`, ...)
+        self.done = False  # ended, or the body did
+        self.usage: dict[str, Any] | None = None  # token counts, in OpenAI's names
 
     async def next_batch(self) -> list[Event] | None:
         """The content events of the next chunk that has any; None at the end of the stream."""
@@ -48,10 +67,19 @@ class ContentEvents:
                 self.done = True
                 events = self._decoder.flush()
             batch = [event for event in events if event.is_content]
+            if self._translator is not None:
+                batch = self._read(self._translate(batch))
+            elif self._parse:
+                batch = self._read([(event, _parsed(event)) for event in batch])
+            else:
+                batch = self._cut_at_done(batch)
             if batch:
-                if self._parse:
-                    self._read(batch)
                 return batch
+        if self._strict and not self.ended:
+            raise UpstreamFailed(
+                "The upstream's stream ended before its last event.",
+                code="upstream_protocol_error",
+            )
         return None
 
     async def until_token(self) -> list[Event] | None:
@@ -64,24 +92,69 @@ class ContentEvents:
             held.extend(batch)
         return held
 
-    def _read(self, batch: list[Event]) -> None:
+    def _translate(self, batch: list[Event]) -> list[tuple[Event, object]]:
+        assert self._translator is not None
+        pairs: list[tuple[Event, object]] = []
         for event in batch:
+            for chunk in self._translator.feed(_parsed(event)):
+                data = jsonbody.dumps(chunk)
+                pairs.append((Event(raw=b"data: " + data + b"\n\n", data=data), chunk))
+            if self._translator.ended:
+                pairs.append((DONE, None))
+                break
+        return pairs
+
+    def _read(self, pairs: list[tuple[Event, object]]) -> list[Event]:
+        """Note what the parsed events say; the batch up to the stream's last event."""
+        rules = self._rules
+        self.live = False
+        batch: list[Event] = []
+        for event, parsed in pairs:
+            batch.append(event)
             if event.is_done:
-                self.done = True
-                return
-            parsed = jsonbody.loads(event.data or b"")
+                self.ended = self.done = True
+                break
+            if (failure := rules.failure(parsed)) is not None:
+                if not self.token_seen:
+                    raise failure
+                self.ended = self.done = True  # passed on as it came: the stream's last words
+                break
             if self._assembler is not None:
                 self._assembler.feed(parsed)
-            if not self.token_seen and carries_token(parsed):
+            if (usage := rules.usage(parsed)) is not None:
+                self.usage = {**(self.usage or {}), **usage}
+            self.live = self.live or not rules.is_keepalive(parsed)
+            if not self.token_seen and rules.carries_token(parsed):
                 self.token_seen = True
-        self._parse = self._assembler is not None or not self.token_seen
+            if rules.is_terminal(parsed):
+                self.ended = self.done = True
+                break
+        self._parse = self._keep_parsing or not self.token_seen
+        return batch
+
+    def _cut_at_done(self, batch: list[Event]) -> list[Event]:
+        """An OpenAI stream after its first token: the batch up to `data: [DONE]`, and the
+        usage reported just before it (include_usage), the one parse a relayed stream costs."""
+        self.live = True
+        for index, event in enumerate(batch):
+            if event.is_done:
+                self.ended = self.done = True
+                self.usage = _last_usage(batch[:index], self._rules) or self.usage
+                return batch[: index + 1]
+        return batch
 
 
-def until_done(batch: list[Event]) -> bytes | None:
-    """The batch's bytes up to and including `data: [DONE]`, if it has that event."""
-    for index, event in enumerate(batch):
-        if event.is_done:
-            return b"".join(e.raw for e in batch[: index + 1])
+def _parsed(event: Event) -> object:
+    return None if event.is_done else jsonbody.loads(event.data or b"")
+
+
+def _last_usage(batch: list[Event], rules: StreamRules) -> dict[str, Any] | None:
+    for event in reversed(batch):
+        if event.data and b'"usage"' in event.data:
+            try:
+                return rules.usage(jsonbody.loads(event.data))
+            except ValueError:
+                return None
     return None
 
 

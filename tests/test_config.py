@@ -705,3 +705,47 @@ def test_config_objects_do_not_show_secrets_in_repr() -> None:
 
     assert OPENAI_KEY not in repr(config)
     assert TEAM_A_KEY not in repr(config)
+
+
+def test_an_anthropic_upstream_speaks_the_messages_api() -> None:
+    upstream: dict[object, Any] = {"kind": "anthropic", "base_url": "https://api.anthropic.com/v1"}
+    config = parse_config(config_with(upstream=upstream), {})
+    parsed = config.upstreams[0]
+    assert (parsed.kind, parsed.anthropic_version, parsed.default_max_tokens) == (
+        "anthropic",
+        "2023-06-01",
+        4096,
+    )
+    assert "kind=anthropic anthropic_version=2023-06-01" in describe_config(config)
+    unquoted = yaml.safe_load("anthropic_version: 2024-01-01")  # YAML reads a date
+    custom = {**upstream, **unquoted, "default_max_tokens": 512}
+    parsed = parse_config(config_with(upstream=custom), {}).upstreams[0]
+    assert (parsed.anthropic_version, parsed.default_max_tokens) == ("2024-01-01", 512)
+    assert parse_config(config_with(), {}).upstreams[0].kind == "openai"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "error"),
+    [
+        ({"kind": "gemini"}, "upstreams[0].kind: must be openai or anthropic (got 'gemini')"),
+        (
+            {"kind": "anthropic", "base_url": "https://api.anthropic.com"},
+            "upstreams[0].base_url: an anthropic upstream's base_url ends in /v1"
+            " (https://api.anthropic.com/v1)",
+        ),
+        (
+            {
+                "kind": "anthropic",
+                "base_url": "https://api.anthropic.com/v1",
+                "default_max_tokens": 0,
+            },
+            "upstreams[0].default_max_tokens: must be a positive integer (got 0)",
+        ),
+        (
+            {"anthropic_version": "2023-06-01"},
+            "upstreams[0].anthropic_version: is only for upstreams of kind anthropic",
+        ),
+    ],
+)
+def test_upstream_kind_errors(upstream: dict[object, Any], error: str) -> None:
+    assert errors_of(config_with(upstream=upstream)) == (error,)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import BudgetExceeded
-from gateway.sse import MAX_EVENT_BYTES, SSEDecoder, SSEProtocolError, error_event
+from gateway.sse import MAX_EVENT_BYTES, SSEDecoder, SSEProtocolError
 
 
 def test_splits_events_and_marks_comments() -> None:
@@ -45,10 +44,3 @@ def test_data_without_space_and_multiple_fields() -> None:
 def test_over_long_event_is_a_protocol_error() -> None:
     with pytest.raises(SSEProtocolError):
         SSEDecoder().feed(b"data: " + b"x" * (MAX_EVENT_BYTES + 1))
-
-
-def test_error_event_carries_the_envelope() -> None:
-    frame = error_event(BudgetExceeded("idle", "stalled"))
-    assert frame.startswith(b'data: {"error": ')
-    assert b'"code": "upstream_idle_timeout"' in frame
-    assert frame.endswith(b"\n\n")

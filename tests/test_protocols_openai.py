@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.openai_stream import Assembler, carries_token, streamable
+from gateway.protocols.openai import Assembler, carries_token, streamable
 
 
 def chunk(delta: dict[str, Any] | None = None, **choice: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""OpenAI streams (pure): which event carries a token, and the non-streaming answer rebuilt
-from the events.
+"""OpenAI Chat Completions and Completions (pure): which event carries a token, the
+non-streaming answer rebuilt from the events, and the error envelope.
 
 The gateway asks upstreams for a stream even when the client did not, so `ttft_s`, `idle_s`
 and hedging guard every call; the client still gets the body the upstream would have sent
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Literal
+
+from gateway.errors import GatewayError
 
 Kind = Literal["chat", "text"]
 
@@ -173,3 +175,46 @@ def _merge_function(known: dict[str, str] | None, delta: Mapping[str, Any]) -> d
     if isinstance(delta.get("arguments"), str):
         merged["arguments"] += delta["arguments"]
     return merged
+
+
+class OpenAIStream:
+    """The stream rules of Chat Completions (`chat`) and Completions (`text`): content is a
+    token or a finish; the stream ends with `data: [DONE]`, which some servers leave out."""
+
+    terminal_required = False
+    stream_fields: Mapping[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
+
+    def carries_token(self, event: object) -> bool:
+        return carries_token(event)
+
+    def is_keepalive(self, event: object) -> bool:
+        return False
+
+    def is_terminal(self, event: object) -> bool:
+        return False  # `data: [DONE]` is not JSON: the reader sees it first
+
+    def failure(self, event: object) -> GatewayError | None:
+        return None
+
+    def usage(self, event: object) -> dict[str, Any] | None:
+        usage = event.get("usage") if isinstance(event, Mapping) else None
+        return dict(usage) if isinstance(usage, Mapping) else None
+
+    def streamable(self, payload: Mapping[str, Any]) -> bool:
+        return streamable(self.kind, payload)
+
+    def assembler(self) -> Assembler:
+        return Assembler(self.kind)
+
+
+class OpenAIErrors:
+    """The OpenAI error envelope; mid-stream, one `data:` event with it (the SDK raises)."""
+
+    def body(self, error: GatewayError) -> bytes:
+        return error.body()
+
+    def event(self, error: GatewayError) -> bytes:
+        return b"data: " + error.body() + b"\n\n"
