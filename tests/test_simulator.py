@@ -134,6 +134,10 @@ def test_hang_headers_and_status() -> None:
     assert faults == Faults(hang_before_headers=True, status=503, retry_after="7")
 
 
+def test_error_after() -> None:
+    assert parse_faults({"x-sim-error-after": "3"}, "sim") == Faults(error_after_tokens=3)
+
+
 def test_at_sign_without_knobs_is_part_of_the_model() -> None:
     assert parse_faults({}, "team@model") == Faults()
 
@@ -148,6 +152,7 @@ def test_at_sign_without_knobs_is_part_of_the_model() -> None:
         ({}, "sim@hang=sideways", "hang"),
         ({}, "sim@reset=after-x", "reset"),
         ({}, "sim@malformed=xml", "malformed"),
+        ({}, "sim@error-after=soon", "error-after"),
         ({}, "sim@tokens=3,gap-ms", "gap-ms"),
         ({"x-sim-colour": "red"}, "sim", "colour"),
     ],
