@@ -523,7 +523,7 @@ class Relay:
                 code="upstream_protocol_error",
             )
         answer = assembler.result()
-        exchange.usage = events.usage or self._usage(answer)
+        exchange.usage = self._usage(answer)
         await self._answer_whole("application/json", jsonbody.dumps(answer))
 
     async def _answer_failure(self, failure: GatewayError) -> None:

@@ -120,8 +120,8 @@ class ContentEvents:
                 self.ended = self.done = True  # passed on as it came: the stream's last words
                 break
             if self._assembler is not None:
-                self._assembler.feed(parsed)
-            if (usage := rules.usage(parsed)) is not None:
+                self._assembler.feed(parsed)  # its answer has the usage
+            elif (usage := rules.usage(parsed)) is not None:
                 self.usage = {**(self.usage or {}), **usage}
             self.live = self.live or not rules.is_keepalive(parsed)
             if not self.token_seen and rules.carries_token(parsed):

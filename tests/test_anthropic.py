@@ -18,6 +18,7 @@ from openai.types.chat import (
     ChatCompletionMessageParam,
     ChatCompletionToolParam,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, sdk, wait_until_idle
@@ -234,6 +235,7 @@ async def test_messages_non_streaming_and_streaming(
     gateway: GatewayFactory, simulator: Simulator
 ) -> None:
     server = gateway(claude("claude@tokens=3", auth=True))
+    counted = token_counts(server, "claude")  # the registry is the process's: count from here
     async with messages_sdk(server, api_key="sk-gateway") as client:
         message = await client.messages.create(model="m", max_tokens=50, messages=USER)
         sent = simulator.stats()
@@ -253,6 +255,22 @@ async def test_messages_non_streaming_and_streaming(
     assert simulator.stats()["last_headers"]["anthropic-beta"] == "b-1"
     assert sent["last_body"]["model"] == "claude@tokens=3"
     assert sent["last_body"]["stream"] is True  # a non-streaming call is streamed upstream
+    now = token_counts(server, "claude")
+    assert {kind: now[kind] - counted.get(kind, 0) for kind in now} == {
+        "prompt": 4.0,  # two calls, each read in Anthropic's names
+        "completion": 6.0,
+    }
+
+
+def token_counts(server: LiveServer, upstream: str) -> dict[str, float]:
+    """`llm_gateway_tokens_total` by kind for one upstream: usage read in Anthropic's names."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llm_gateway_tokens_total" and sample.labels["upstream"] == upstream
+    }
 
 
 async def test_messages_keys_are_checked_in_anthropic_shape(gateway: GatewayFactory) -> None:

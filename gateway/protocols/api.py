@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Protocol
 
 from gateway import jsonbody
@@ -62,6 +63,10 @@ class Api:
     def translation(self, upstream: UpstreamConfig) -> Translation:
         if self.path == "chat/completions" and upstream.kind == "anthropic":
             return ChatViaMessages(upstream.default_max_tokens)
+        return self._passthrough
+
+    @cached_property
+    def _passthrough(self) -> Passthrough:  # one per endpoint: it is asked on every attempt
         return Passthrough(self)
 
 
