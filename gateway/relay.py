@@ -6,12 +6,14 @@
             [hedge: a second target races]     for the first token, the loser cancelled
             wait in the upstream's queue       earliest deadline first; `upstream_pool_timeout`
             with attempt scope:                attempt_s
-                send, await headers            connect_s is the HTTP client's; the rest scopes
-                with ttft scope: first token   generated content, not bytes, not a role chunk
+                send, await headers            the endpoint's translation for this upstream
+                                               (gateway.protocols); connect_s is the client's
+                with ttft scope: first token   generated content, not bytes, not a role chunk,
+                                               a ping or response.created
                 stream: commit, relay events   idle_s per gap (one lazily re-armed timer)
                 or assemble: read all, answer  non-streaming calls streamed upstream
                 or whole: read, answer         upstream_stream: false, embeddings
-    after the commit, a failure is one terminal SSE error event, then the stream ends
+    after the commit, a failure is one terminal error event (in the endpoint's shape)
 
 Every upstream response is closed in `finally`; every queue slot is released. Nothing here
 takes a `timeout=`: phases read the request's `RequestBudget`.

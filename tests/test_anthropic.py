@@ -273,6 +273,32 @@ def token_counts(server: LiveServer, upstream: str) -> dict[str, float]:
     }
 
 
+async def test_messages_retry_an_overload_and_hedge_a_slow_first_token(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    data = config(
+        ("retried", [("claude", "claude@status=529,flaky=1,tokens=2")]),
+        ("hedged", [("claude", "slow@ttft-ms=5000"), ("claude", "fast@tokens=2")]),
+        retry={"attempts": 2, "backoff_s": 0.01, "retry_on": [503]},
+    )
+    data["routes"][1]["hedge"] = {"after_s": 0.2}  # a second target races the first's silence
+    server = gateway(data)
+    async with messages_sdk(server) as client:
+        retried = await client.messages.with_raw_response.create(
+            model="retried", max_tokens=50, messages=USER
+        )
+        started = time.monotonic()
+        hedged = await client.messages.with_raw_response.create(
+            model="hedged", max_tokens=50, messages=USER
+        )
+        elapsed = time.monotonic() - started
+    assert retried.headers["x-gateway-attempts"] == "2"  # the 529 counted as a retryable 503
+    assert (await retried.parse()).content[0].text == "tok0 tok1 "  # type: ignore[union-attr]
+    assert (await hedged.parse()).content[0].text == "tok0 tok1 "  # type: ignore[union-attr]
+    assert elapsed < 3  # the hedge answered, not the slow first target
+    await simulator.until(lambda s: s["cancelled"] == 1 and s["open"] == 0)  # the loser
+
+
 async def test_messages_keys_are_checked_in_anthropic_shape(gateway: GatewayFactory) -> None:
     server = gateway(claude(auth=True))
     async with messages_sdk(server, api_key="sk-wrong") as client:
