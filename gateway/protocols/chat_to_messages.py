@@ -140,6 +140,12 @@ def _conversation(
         elif role == "assistant":
             blocks = _assistant_blocks(message, where, refusals)
         elif role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise BadRequest(
+                    f"'{where}.tool_call_id' must name the tool call it answers.",
+                    code="invalid_request",
+                    param=f"{where}.tool_call_id",
+                )
             blocks = [_tool_result(message, where, refusals)]
             role = "user"
         else:
@@ -151,6 +157,12 @@ def _conversation(
             turns[-1]["content"] += blocks
         else:
             turns.append({"role": role, "content": blocks})
+    if not turns and not refusals.names:
+        raise BadRequest(
+            "'messages' has no user or assistant message with content to send.",
+            code="invalid_request",
+            param="messages",
+        )
     return system, turns
 
 
