@@ -417,3 +417,33 @@ async def test_a_messages_stream_is_relayed_event_by_event(gateway: GatewayFacto
     assert b"ping" in names
     assert names[-3:] == [b"content_block_stop", b"message_delta", b"message_stop"]
     assert names.count(b"content_block_delta") == 2
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions"])
+def test_anthropic_garbage_is_a_502_in_the_endpoints_shape(
+    gateway: GatewayFactory, path: str
+) -> None:
+    server = gateway(claude("claude@malformed=sse", retry={"attempts": 1}))
+    body = {"model": "m", "max_tokens": 5, "messages": USER, "stream": True}
+    headers = {"anthropic-version": "2023-06-01"}
+    response = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=10)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "upstream_protocol_error"
+    assert error["type"] == ("api_error" if path == "/v1/messages" else "upstream_error")
+
+
+async def test_a_messages_stream_cut_mid_way_ends_in_an_error_event(
+    gateway: GatewayFactory,
+) -> None:
+    server = gateway(claude("claude@reset=after-2"))
+    body = {"model": "m", "max_tokens": 5, "messages": USER, "stream": True}
+    headers = {"anthropic-version": "2023-06-01"}
+    response = httpx.post(f"{server.url}/v1/messages", json=body, headers=headers, timeout=10)
+    assert response.status_code == 200  # committed at the first token
+    frames = response.content.split(b"\n\n")
+    assert frames.count(b"") == 1  # the body ends with one blank line: no half frame
+    last = frames[-2]
+    assert last.startswith(b"event: error\ndata: ")
+    assert json.loads(last.split(b"data: ", 1)[1])["error"]["code"] == "upstream_protocol_error"
+    assert b"message_stop" not in response.content
