@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,14 +42,20 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         config=config, router=Router(config), upstreams=upstreams, inflight=inflight_registry
     )
     created = int(time.time())
+    created_at = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat()
 
     async def models(request: Request) -> Response:
-        gateway.authenticate(request.headers)
+        """The routes, in a list both the `openai` and the `anthropic` SDK read (each ignores
+        the other's fields), so the key is taken as either sends it too."""
+        gateway.authenticate(request.headers, key_header="x-api-key")
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "llm-gateway"}
+            | {"type": "model", "display_name": model, "created_at": created_at}
             for model in gateway.router.models
         ]
-        return JSONResponse({"object": "list", "data": data})
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        pages = {"has_more": False, "first_id": first, "last_id": last}
+        return JSONResponse({"object": "list", "data": data, **pages})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

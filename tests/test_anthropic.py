@@ -447,3 +447,20 @@ async def test_a_messages_stream_cut_mid_way_ends_in_an_error_event(
     assert last.startswith(b"event: error\ndata: ")
     assert json.loads(last.split(b"data: ", 1)[1])["error"]["code"] == "upstream_protocol_error"
     assert b"message_stop" not in response.content
+
+
+async def test_the_anthropic_sdk_counts_tokens_and_lists_models(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    server = gateway(
+        config(("m", [("claude", "claude")]), ("gpt", [("oai", "sim")]), auth=True),
+    )
+    async with messages_sdk(server, api_key="sk-gateway") as client:
+        counted = await client.messages.count_tokens(model="m", messages=USER, system="be brief")
+        sent = simulator.stats()
+        models = [model async for model in client.models.list()]
+    assert counted.input_tokens == 4  # the simulator's words: role, content, and the system
+    assert sent["last_body"]["model"] == "claude"
+    assert sent["last_headers"]["x-api-key"] == UPSTREAM_KEY
+    assert [model.id for model in models] == ["m", "gpt"]
+    assert all(model.type == "model" and model.created_at.year >= 2026 for model in models)

@@ -6,6 +6,7 @@
     embeddings           (whole answers)         OpenAI envelope    openai
     responses            responses.*Stream       OpenAI envelope    openai
     messages             anthropic.*Stream       Anthropic's        anthropic
+    messages/count_tokens (whole answers)        Anthropic's        anthropic
 
 `api.Api` binds an endpoint to its rules; `api.Api.translation` picks, per upstream, how a
 request gets there (`Passthrough` or `ChatViaMessages`). Everything here is pure: the relay

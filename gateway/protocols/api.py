@@ -78,13 +78,16 @@ APIS = {
         Api("completions", OpenAIStream("text"), OpenAIErrors(), _OPENAI),
         Api("embeddings", None, OpenAIErrors(), _OPENAI),
         Api("responses", ResponsesStream(), ResponsesErrors(), _OPENAI),
-        Api(
-            "messages",
-            MessagesStream(),
-            AnthropicErrors(),
-            frozenset({"anthropic"}),
-            forwarded=("anthropic-version", "anthropic-beta"),
-            key_header="x-api-key",
+        *(
+            Api(
+                path,
+                stream,
+                AnthropicErrors(),
+                frozenset({"anthropic"}),
+                forwarded=("anthropic-version", "anthropic-beta"),
+                key_header="x-api-key",
+            )
+            for path, stream in (("messages", MessagesStream()), ("messages/count_tokens", None))
         ),
     )
 }

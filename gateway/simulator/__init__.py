@@ -6,6 +6,7 @@ Endpoints (relative, so the app also works mounted under a prefix such as `/sim-
     POST /v1/chat/completions  POST /v1/completions   OpenAI, stream true or false
     POST /v1/responses                                 OpenAI Responses, stream true or false
     POST /v1/messages                                  Anthropic Messages, stream true or false
+    POST /v1/messages/count_tokens                     Anthropic: {"input_tokens": N}
     POST /v1/embeddings        GET  /v1/models         OpenAI
     GET  /sim/stats            POST /sim/reset
 

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.simulator.answer import Api, BadRequest
 from gateway.simulator.asgi import read_body, run_until_disconnect, send_json, with_headers
 from gateway.simulator.driver import produce
-from gateway.simulator.messages import MessagesApi
+from gateway.simulator.messages import CountTokensApi, MessagesApi
 from gateway.simulator.openai_api import CompletionsApi, EmbeddingsApi
 from gateway.simulator.responses import ResponsesApi
 from gateway.simulator.stats import Outcome, SimulatorStats
@@ -91,6 +91,7 @@ def create_simulator_app() -> Starlette:
             endpoint("/v1/completions", CompletionsApi(chat=False)),
             endpoint("/v1/embeddings", EmbeddingsApi()),
             endpoint("/v1/messages", MessagesApi()),
+            endpoint("/v1/messages/count_tokens", CountTokensApi()),
             endpoint("/v1/responses", ResponsesApi()),
             Route("/v1/models", _models, methods=["GET"]),
             Route("/sim/stats", read_stats, methods=["GET"]),

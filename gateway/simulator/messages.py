@@ -58,6 +58,26 @@ class MessagesApi(Api):
         ]
 
 
+class CountTokensApi(MessagesApi):
+    """POST /v1/messages/count_tokens: the size of a Messages request's prompt, never streamed."""
+
+    def parse(self, headers: Mapping[str, str], body: object) -> Answer:
+        if "anthropic-version" not in headers:
+            raise BadRequest("anthropic-version: header is required")
+        body, model, faults = request_faults(headers, body)
+        check_request({**body, "max_tokens": 1})  # the same checks; it takes no max_tokens
+        return TokenCount(model, faults, count_tokens([body["messages"], body.get("system")]))
+
+
+class TokenCount(Answer):
+    def __init__(self, model: str, faults: Faults, tokens: int) -> None:
+        super().__init__(model, faults)
+        self._tokens = tokens
+
+    def body(self) -> object:
+        return {"input_tokens": self._tokens}
+
+
 class Message(StreamedAnswer):
     """A message of text (cut at `max_tokens`) or of tool_use blocks; streamed as Anthropic's
     message_start, then per block content_block_start, deltas and content_block_stop, then
