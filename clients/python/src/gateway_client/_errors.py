@@ -12,9 +12,12 @@
           └── Overloaded      503 upstream_saturated / circuit_open / shutting_down: retry_after
 
 `except TimeoutError` catches every budget failure; `except openai.APIError` keeps catching
-everything the gateway answers. LangChain passes these through unchanged (it re-wraps only the
-SDK's own status classes). Other statuses (400, 401, 404, 502, an upstream's own error) stay
-the SDK's usual errors. `error_for` decides, in one place, which error an answer becomes.
+everything the gateway answers. With `anthropic` installed these are `anthropic.AnthropicError`s
+too: that SDK passes only its own errors through a transport unchanged (any other becomes its
+`APIConnectionError`), so `async_anthropic` raises the same errors. LangChain passes these
+through unchanged (it re-wraps only the SDK's own status classes). Other statuses (400, 401,
+404, 502, an upstream's own error) stay the SDK's usual errors. `error_for` decides, in one
+place, which error an answer becomes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ import openai
 from gateway_client._deadline import DeadlineExceeded
 from gateway_client._http import httpx
 
+try:
+    from anthropic import AnthropicError
+except ImportError:  # an optional dependency: a stand-in base that changes nothing
+
+    class AnthropicError(Exception):  # type: ignore[no-redef]
+        pass
+
+
 TIMEOUT_CODES = frozenset(
     {
         "deadline_exceeded",
@@ -42,13 +53,13 @@ TIMEOUT_CODES = frozenset(
 OVERLOAD_CODES = frozenset({"upstream_saturated", "circuit_open", "shutting_down"})
 
 
-class RequestDeadlineExceeded(DeadlineExceeded, openai.OpenAIError):
+class RequestDeadlineExceeded(DeadlineExceeded, openai.OpenAIError, AnthropicError):
     """`DeadlineExceeded` as the HTTP transport raises it. Being an `openai.OpenAIError` too, it
     goes through every SDK version unchanged (`openai<3` wraps any other exception raised while
     sending in `APIConnectionError`, and may retry it); LangChain passes it on as well."""
 
 
-class GatewayError(openai.APIError):
+class GatewayError(openai.APIError, AnthropicError):
     """The gateway answered with one of its own error codes.
 
     `status_code` is the HTTP status, or `None` when the error arrived as the final event of a

@@ -1,4 +1,5 @@
-"""Clients pointed at the gateway: `openai`, LangChain's `ChatOpenAI`, or a bare HTTP client.
+"""Clients pointed at the gateway: `openai`, LangChain's `ChatOpenAI`, `anthropic` (for
+/v1/messages), or a bare HTTP client.
 
 Each one gets the gateway's URL and key (arguments, else `LLM_GATEWAY_URL` and
 `LLM_GATEWAY_API_KEY`, read when the client is made), an explicit finite timeout, no SDK
@@ -18,6 +19,7 @@ from gateway_client._http import httpx
 from gateway_client._transport import AsyncDeadlineTransport, DeadlineTransport
 
 if TYPE_CHECKING:
+    from anthropic import AsyncAnthropic
     from langchain_openai import ChatOpenAI
 
 URL_ENV = "LLM_GATEWAY_URL"
@@ -155,6 +157,35 @@ def chat_openai(
         max_retries=max_retries,
         http_client=http_client(timeout=timeout),
         http_async_client=async_http_client(timeout=timeout),
+        **kwargs,
+    )
+
+
+def async_anthropic(
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 0,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **kwargs: Any,
+) -> AsyncAnthropic:
+    """An `anthropic.AsyncAnthropic` for the gateway's Messages API (`/v1/messages`), carrying
+    `deadline()` as `async_openai` does; the gateway's errors (Anthropic-shaped there) become
+    this package's. `base_url` is the gateway's, with or without `/v1` (the SDK adds it).
+
+    Needs `anthropic` (`pip install 'llm-gateway-client[anthropic]'`) on the same HTTP
+    library as the installed `openai` (`httpx2` for both of today's versions).
+    """
+    import anthropic
+
+    _refuse_http_client(kwargs)
+    return anthropic.AsyncAnthropic(
+        base_url=gateway_url(base_url).removesuffix("/v1"),
+        api_key=gateway_api_key(api_key),
+        timeout=timeout,
+        max_retries=max_retries,
+        http_client=async_http_client(timeout=timeout, transport=transport),
         **kwargs,
     )
 
