@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.deadline import clock
 from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, envelope
 from gateway.inflight import Inflight
 from gateway.lifecycle import Lifecycle
@@ -70,7 +71,7 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         metrics.sample(
             gateway.inflight.exchanges(),
             upstreams,
-            now=anyio.current_time(),
+            now=clock(),
             stall_s=config.server.stall_warn_s,
         )
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
@@ -187,7 +188,7 @@ async def _sample_every_second(gateway: Gateway, stall_s: float) -> None:
         metrics.sample(
             gateway.inflight.exchanges(),
             gateway.upstreams,
-            now=anyio.current_time(),
+            now=clock(),
             stall_s=stall_s,
         )
         await anyio.sleep(1)

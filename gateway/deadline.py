@@ -7,13 +7,12 @@ margin that lets the gateway (not the client) report the timeout. Hints can only
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
-
-import anyio
 
 from gateway.config import Budget, DeadlineConfig
 from gateway.errors import BadRequest
@@ -32,13 +31,20 @@ _TOTAL_HINTS = ("x-request-timeout-ms", "grpc-timeout", "x-stainless-timeout", "
 _READ_HINT = "x-stainless-read-timeout"
 
 
+def clock() -> float:
+    """The event loop's clock, the one cancel scopes use: what `clock()` returns
+    on asyncio, without its backend lookup (about 3 us, and a request reads the clock a dozen
+    times). The gateway runs on asyncio (uvloop) only."""
+    return asyncio.get_running_loop().time()
+
+
 @dataclass(frozen=True, slots=True)
 class Deadline:
-    at: float  # anyio.current_time() clock
+    at: float  # clock() clock
     source: Literal["route", "client"]
 
     def remaining(self) -> float:
-        return self.at - anyio.current_time()
+        return self.at - clock()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import anyio
 
-from gateway.deadline import RequestBudget
+from gateway.deadline import RequestBudget, clock
 
 Phase = Literal["queued", "connecting", "waiting_first_token", "streaming", "done"]
 
@@ -81,7 +81,7 @@ class Exchange:
             parts.append(f"upstream;dur={self.upstream_s * 1000:.1f}")
         if self.ttft_s is not None:
             parts.append(f"ttft;dur={self.ttft_s * 1000:.1f}")
-        parts.append(f"total;dur={(anyio.current_time() - self.arrival) * 1000:.1f}")
+        parts.append(f"total;dur={(clock() - self.arrival) * 1000:.1f}")
         return ", ".join(parts)
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -126,7 +126,7 @@ class Inflight:
         return list(self._exchanges)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        now = anyio.current_time()
+        now = clock()
         return sorted(
             (exchange.snapshot(now) for exchange in self._exchanges),
             key=lambda row: -float(row["age_s"]),

@@ -33,7 +33,7 @@ import anyio
 
 from gateway import jsonbody
 from gateway.config import Route, Target
-from gateway.deadline import timeout_header_ms
+from gateway.deadline import clock, timeout_header_ms
 from gateway.errors import (
     BudgetExceeded,
     GatewayError,
@@ -154,7 +154,7 @@ class Relay:
         last: GatewayError | None = None
         ejected: list[float] = []  # seconds until each ejected target's probe
         self._tried.clear()
-        state.retry_budget.record_request(anyio.current_time())
+        state.retry_budget.record_request(clock())
         targets = self.targets
         for index, target in enumerate(targets):
             upstream = self.upstreams[target.upstream]
@@ -163,7 +163,7 @@ class Relay:
                     continue
                 if last is not None and failure_condition(last) not in route.retry.retry_on:
                     raise last
-                now = anyio.current_time()
+                now = clock()
                 wait = 0.0
                 if number > 1:  # a retry on the same target: backed off, budgeted
                     wait = backoff(route.retry.backoff_s, number - 1, _RNG)
@@ -209,7 +209,7 @@ class Relay:
         raise BudgetExceeded("total", "No target can answer within the time left.")
 
     def _fits(self, target: Target, wait: float) -> bool:
-        now = anyio.current_time()
+        now = clock()
         remaining = self.exchange.budget.deadline.at - now - wait
         typical = self.state.ttft[target].typical(now) if self.streamed else None
         return fits(remaining, min_attempt_s=self.route.retry.min_attempt_s, typical_ttft=typical)
@@ -228,7 +228,7 @@ class Relay:
         if hedge.after_s is not None:
             return hedge.after_s
         assert hedge.after_percentile is not None  # the config sets exactly one
-        return self.state.ttft[target].percentile(anyio.current_time(), hedge.after_percentile)
+        return self.state.ttft[target].percentile(clock(), hedge.after_percentile)
 
     async def _hedged(self, first: Target, second: Target, delay: float) -> None:
         """Start `first`; if it has no token after `delay`, start `second` too. The first to
@@ -253,7 +253,7 @@ class Relay:
                 await race.settled.wait()
             if race.winner is None and first not in failures:
                 upstream = self.upstreams[second.upstream]
-                now = anyio.current_time()
+                now = clock()
                 if not self._fits(second, 0.0):
                     self._skip(second, "budget")
                 elif not self.state.retry_budget.try_spend(now):
@@ -279,16 +279,16 @@ class Relay:
         exchange = self.exchange
         exchange.upstream = upstream.name
         exchange.phase = "queued"
-        record = Attempt(upstream.name, target.model, queued_at=anyio.current_time())
+        record = Attempt(upstream.name, target.model, queued_at=clock())
         exchange.attempt_log.append(record)
         try:
             await upstream.bulkhead.acquire(exchange.budget.deadline.at)
         except BaseException as error:
             record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
             record.cancel_reason = None if isinstance(error, GatewayError) else "queued"
-            record.ended = anyio.current_time()
+            record.ended = clock()
             raise
-        record.started = anyio.current_time()
+        record.started = clock()
         try:
             exchange.queue_s += record.started - record.queued_at
             attempt_end = record.started + exchange.budget.attempt_s
@@ -302,13 +302,13 @@ class Relay:
         except GatewayError as error:
             record.outcome = error.code
             if upstreams_fault(error, client_gap=exchange.budget.client_gap):
-                upstream.outlier.failure(anyio.current_time())
+                upstream.outlier.failure(clock())
             else:
                 upstream.outlier.neutral()
             attempt_log.info(
                 "request_id=%s route=%s upstream=%s model=%s outcome=%s ms=%.1f",
                 exchange.request_id, self.route.model, upstream.name, target.model, error.code,
-                (anyio.current_time() - record.started) * 1000,
+                (clock() - record.started) * 1000,
             )  # fmt: skip
             raise
         except BaseException:  # cancelled: the caller left, its deadline passed, a hedge won
@@ -324,7 +324,7 @@ class Relay:
                 record.outcome, record.cancel_reason = "cancelled", "hedge_lost"
                 upstream.outlier.neutral()
         finally:
-            record.ended = anyio.current_time()
+            record.ended = clock()
             upstream.bulkhead.release()
 
     def _cancel_reason(self, target: Target, race: _Race | None) -> str:
@@ -378,7 +378,7 @@ class Relay:
                     "The upstream ended the stream before any token.",
                     code="upstream_protocol_error",
                 )
-            now = anyio.current_time()
+            now = clock()
             record.ttft_s = now - started
             self.state.ttft[target].record(now, record.ttft_s)
             if race is not None and not race.claim(target):
@@ -432,7 +432,7 @@ class Relay:
         """Send the attempt; its response once the headers are in, or its error status."""
         exchange = self.exchange
         response = await upstream.send(translation.path, body, headers)
-        exchange.upstream_s = anyio.current_time() - started
+        exchange.upstream_s = clock() - started
         exchange.phase = "waiting_first_token"
         if response.status >= 400:
             try:
@@ -454,7 +454,7 @@ class Relay:
         body = translation.whole(await read_whole(response, limit))
         answer = jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 to choke on
         self.exchange.usage = self._usage(answer)
-        self.exchange.ttft_s = anyio.current_time() - self.exchange.arrival
+        self.exchange.ttft_s = clock() - self.exchange.arrival
         content_type = response.headers.get("content-type", "application/json")
         await self._answer_whole(content_type, body)
 

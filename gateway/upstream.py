@@ -23,6 +23,7 @@ import aiohttp
 import anyio
 
 from gateway.config import UpstreamConfig
+from gateway.deadline import clock
 from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamFailed
 from gateway.resilience.outlier import OutlierDetector
 from gateway.sse import SSEProtocolError
@@ -74,7 +75,7 @@ class Bulkhead:
             raise
 
     def release(self) -> None:
-        self._released.append(anyio.current_time())
+        self._released.append(clock())
         if self._waiters:
             heapq.heappop(self._waiters)[2].set()  # hand the slot straight to the next in line
         else:
@@ -84,7 +85,7 @@ class Bulkhead:
         """Whole seconds until the queue has likely moved on, from how fast slots free up."""
         if len(self._released) < 2:
             return 1
-        span = anyio.current_time() - self._released[0]
+        span = clock() - self._released[0]
         per_s = len(self._released) / span if span > 0 else math.inf
         return max(1, min(60, math.ceil((self.pending + 1) / per_s)))
 
