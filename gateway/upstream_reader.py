@@ -101,6 +101,7 @@ class ContentEvents:
                 pairs.append((Event(raw=b"data: " + data + b"\n\n", data=data), chunk))
             if self._translator.ended:
                 pairs.append((DONE, None))
+                self.usage = self._translator.usage or None  # whether the client asked or not
                 break
         return pairs
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import anthropic
+import anyio
 import httpx2 as httpx
 import openai
 import pytest
@@ -255,22 +256,21 @@ async def test_messages_non_streaming_and_streaming(
     assert simulator.stats()["last_headers"]["anthropic-beta"] == "b-1"
     assert sent["last_body"]["model"] == "claude@tokens=3"
     assert sent["last_body"]["stream"] is True  # a non-streaming call is streamed upstream
-    now = token_counts(server, "claude")
-    assert {kind: now[kind] - counted.get(kind, 0) for kind in now} == {
-        "prompt": 4.0,  # two calls, each read in Anthropic's names
-        "completion": 6.0,
-    }
+    # Two calls, each read in Anthropic's names.
+    assert await tokens_added(server, counted, {"prompt": 4.0, "completion": 6.0})
 
 
 def token_counts(server: LiveServer, upstream: str) -> dict[str, float]:
-    """`llm_gateway_tokens_total` by kind for one upstream: usage read in Anthropic's names."""
+    """`llm_gateway_tokens_total` by kind for one upstream, all routes summed: usage read in
+    Anthropic's names."""
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return {
-        sample.labels["kind"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "llm_gateway_tokens_total" and sample.labels["upstream"] == upstream
-    }
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llm_gateway_tokens_total" and sample.labels["upstream"] == upstream:
+                kind = sample.labels["kind"]
+                counts[kind] = counts.get(kind, 0.0) + sample.value
+    return counts
 
 
 async def test_messages_retry_an_overload_and_hedge_a_slow_first_token(
@@ -464,3 +464,30 @@ async def test_the_anthropic_sdk_counts_tokens_and_lists_models(
     assert sent["last_headers"]["x-api-key"] == UPSTREAM_KEY
     assert [model.id for model in models] == ["m", "gpt"]
     assert all(model.type == "model" and model.created_at.year >= 2026 for model in models)
+
+
+async def test_translated_streams_count_tokens_even_unasked(gateway: GatewayFactory) -> None:
+    """Anthropic reports usage on every stream: the metrics get it whether or not the client
+    asked for a usage chunk (`stream_options`)."""
+    server = gateway(claude("claude@tokens=3"))
+    counted = token_counts(server, "claude")
+    async with sdk(server, max_retries=0) as client:
+        stream = await client.chat.completions.create(model="m", messages=CHAT, stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None for chunk in chunks)  # none asked, none sent
+    assert await tokens_added(server, counted, {"prompt": 3.0, "completion": 3.0})
+
+
+async def tokens_added(
+    server: LiveServer, before: dict[str, float], expected: dict[str, float]
+) -> dict[str, float]:
+    """The tokens counted since `before`, once they are `expected` (a request is counted as it
+    ends, just after its last byte reached the client); fails with what was counted."""
+    give_up = time.monotonic() + 2
+    while True:
+        now = token_counts(server, "claude")
+        added = {kind: n - before.get(kind, 0) for kind, n in now.items()}
+        if added == expected:
+            return added
+        assert time.monotonic() < give_up, f"counted {added}, expected {expected}"
+        await anyio.sleep(0.02)

@@ -118,6 +118,7 @@ class EventTranslator(Protocol):
     upstream's last event came (the client's stream then ends too)."""
 
     ended: bool
+    usage: dict[str, Any]  # token counts so far, in OpenAI's names, asked for or not
 
     def feed(self, event: object) -> list[dict[str, Any]]: ...
 

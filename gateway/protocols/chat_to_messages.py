@@ -341,7 +341,7 @@ class ChunkTranslator:
         self._model: object = None
         self._created = int(time.time())
         self._tools: dict[int, int] = {}  # content block index -> tool call index
-        self._usage: dict[str, Any] = {}
+        self.usage: dict[str, Any] = {}  # Anthropic always reports it: for the metrics
         self.ended = False  # `message_stop` came
 
     def feed(self, event: object) -> list[dict[str, Any]]:
@@ -350,7 +350,7 @@ class ChunkTranslator:
         error = anthropic.error_of(event)
         if error is not None:
             raise _translated_error(anthropic.STATUS_BY_TYPE.get(error[0], 502), *error)
-        self._usage |= anthropic.MessagesStream().usage(event) or {}
+        self.usage |= anthropic.MessagesStream().usage(event) or {}
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message")
@@ -401,7 +401,7 @@ class ChunkTranslator:
 
     def _usage_chunk(self) -> dict[str, Any]:
         head = _head(self._id, self._model, "chat.completion.chunk") | {"created": self._created}
-        return head | {"choices": [], "usage": _usage(self._usage)}
+        return head | {"choices": [], "usage": _usage(self.usage)}
 
 
 def _envelope(type_: str, message: str) -> bytes:
