@@ -29,6 +29,7 @@ _TOTAL_HINTS = ("x-request-timeout-ms", "grpc-timeout", "x-stainless-timeout", "
 # The Python `openai` SDK's read timeout: the whole response when not streaming, the first
 # token and every gap when streaming (it times each socket read).
 _READ_HINT = "x-stainless-read-timeout"
+_JS_TOTAL_HINT = "x-stainless-timeout"
 
 
 def clock() -> float:
@@ -69,12 +70,15 @@ def parse_hints(headers: Mapping[str, str]) -> ClientHints:
     """Read the deadline hints of DESIGN §5. A malformed explicit hint is a 400 naming the
     header; an `x-stainless-*` value that is not a number (some SDK versions send `NOT_GIVEN`)
     is ignored: callers do not choose those."""
+    read = _hint(headers, _READ_HINT)
     totals = [
         _parse_total(name, value)
         for name in _TOTAL_HINTS
         if (value := _hint(headers, name)) is not None
+        # The JS SDKs send `x-stainless-timeout` alone, a whole-request timeout; the Python
+        # `anthropic` SDK sends its read timeout under both names: a gap, not a total.
+        and not (name == _JS_TOTAL_HINT and read is not None)
     ]
-    read = _hint(headers, _READ_HINT)
     return ClientHints(
         total_s=min(totals) if totals else None,
         read_s=_parse_seconds(_READ_HINT, read) if read is not None else None,

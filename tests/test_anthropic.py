@@ -491,3 +491,20 @@ async def tokens_added(
             return added
         assert time.monotonic() < give_up, f"counted {added}, expected {expected}"
         await anyio.sleep(0.02)
+
+
+async def test_the_anthropic_sdks_read_timeout_bounds_gaps_not_the_stream(
+    gateway: GatewayFactory,
+) -> None:
+    """Given a per-call timeout, the SDK sends its read timeout (1 s here) as
+    `x-stainless-timeout` too; a stream of 1.8 s whose tokens come every 0.15 s is not cut."""
+    server = gateway(claude("claude@tokens=12,gap-ms=150"))
+    timeout = httpx.Timeout(60, read=1.0)
+    async with messages_sdk(server) as client:
+        started = time.monotonic()
+        async with client.messages.stream(
+            model="m", max_tokens=50, messages=USER, timeout=timeout
+        ) as stream:
+            final = await stream.get_final_message()
+    assert final.stop_reason == "end_turn"
+    assert time.monotonic() - started > 1.5

@@ -43,6 +43,15 @@ def test_read_hint_is_kept_apart() -> None:
     assert hints == ClientHints(total_s=None, read_s=600.0)
 
 
+def test_the_anthropic_sdks_read_timeout_under_both_names_is_a_read_timeout() -> None:
+    """The Python `anthropic` SDK sends its read timeout as `x-stainless-timeout` too: a stream
+    whose tokens keep coming must not be cut when that many seconds have passed."""
+    both = {"x-stainless-timeout": "30", "x-stainless-read-timeout": "30"}
+    assert parse_hints(both) == ClientHints(total_s=None, read_s=30.0)
+    explicit = {**both, "x-request-timeout-ms": "5000"}  # other totals still count
+    assert parse_hints(explicit) == ClientHints(total_s=5.0, read_s=30.0)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
