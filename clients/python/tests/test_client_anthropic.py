@@ -10,7 +10,13 @@ from typing import Any
 import anthropic
 import pytest
 
-from gateway_client import DeadlineExceeded, GatewayTimeout, async_anthropic, deadline
+from gateway_client import (
+    DeadlineExceeded,
+    GatewayTimeout,
+    anthropic_client,
+    async_anthropic,
+    deadline,
+)
 
 from conftest import SLACK_S, GatewayFactory, Simulator
 
@@ -71,3 +77,20 @@ async def test_anthropic_shaped_timeouts_are_gateway_timeouts(gateway: GatewayFa
             await read_stream(client)  # outside a deadline
     assert (status.value.code, status.value.status_code) == ("upstream_ttft_timeout", 504)
     assert (event.value.code, event.value.status_code) == ("upstream_idle_timeout", None)
+
+
+def test_the_synchronous_client_is_bounded_by_a_deadline_too(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """Nothing can interrupt synchronous code: the transport's per-read bounds and the header
+    the gateway enforces end a stalled stream at the deadline."""
+    server = gateway(claude_routes(("stall", "c@hang=after-1,keepalive-ms=50", {})))
+    with anthropic_client(base_url=server.url) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded), deadline(0.5):
+            for _ in client.messages.create(
+                model="stall", max_tokens=9, messages=USER, stream=True
+            ):
+                pass
+        assert time.monotonic() - started < 0.5 + SLACK_S
+    simulator.wait_for(lambda s: s["cancelled"] == 1 and s["open"] == 0)

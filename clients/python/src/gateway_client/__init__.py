@@ -16,6 +16,7 @@ from gateway_client._batch import Completions, as_completed_within, gather_withi
 from gateway_client._deadline import DeadlineExceeded, DeadlineScope, deadline, remaining
 from gateway_client._errors import GatewayError, GatewayTimeout, Overloaded
 from gateway_client._factories import (
+    anthropic_client,
     async_anthropic,
     async_http_client,
     async_openai,
@@ -31,6 +32,7 @@ __all__ = [
     "GatewayError",
     "GatewayTimeout",
     "Overloaded",
+    "anthropic_client",
     "as_completed_within",
     "async_anthropic",
     "async_http_client",

@@ -19,7 +19,7 @@ from gateway_client._http import httpx
 from gateway_client._transport import AsyncDeadlineTransport, DeadlineTransport
 
 if TYPE_CHECKING:
-    from anthropic import AsyncAnthropic
+    from anthropic import Anthropic, AsyncAnthropic
     from langchain_openai import ChatOpenAI
 
 URL_ENV = "LLM_GATEWAY_URL"
@@ -186,6 +186,29 @@ def async_anthropic(
         timeout=timeout,
         max_retries=max_retries,
         http_client=async_http_client(timeout=timeout, transport=transport),
+        **kwargs,
+    )
+
+
+def anthropic_client(
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 0,
+    transport: httpx.BaseTransport | None = None,
+    **kwargs: Any,
+) -> Anthropic:
+    """The synchronous twin of `async_anthropic`."""
+    import anthropic
+
+    _refuse_http_client(kwargs)
+    return anthropic.Anthropic(
+        base_url=gateway_url(base_url).removesuffix("/v1"),
+        api_key=gateway_api_key(api_key),
+        timeout=timeout,
+        max_retries=max_retries,
+        http_client=http_client(timeout=timeout, transport=transport),
         **kwargs,
     )
 
