@@ -14,84 +14,14 @@ import anyio
 import httpx2 as httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
-from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.http_server import HeaderTimeoutProtocol
-from gateway.simulator import create_simulator_app
+from gateway.testing import LiveServer as LiveServer  # the tests import both from here
+from gateway.testing import LiveSimulator
 
-
-class LiveServer:
-    """An ASGI app served by uvicorn on 127.0.0.1 with a free port, in a background thread."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="auto",
-            http=HeaderTimeoutProtocol,  # the protocol `llm-gateway serve` runs
-        )
-        self.app = app
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
-class Simulator(LiveServer):
-    def __init__(self) -> None:
-        super().__init__(create_simulator_app())
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/sim/stats", timeout=5)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], within_s: float = 3.0
-    ) -> dict[str, Any]:
-        """Poll the stats until `predicate` holds; fail with the last stats if it never does."""
-        deadline = time.monotonic() + within_s
-        while True:
-            stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"simulator never reached the expected state: {stats}")
-            time.sleep(0.02)
-
-    async def until(
-        self, predicate: Callable[[dict[str, Any]], bool], within_s: float = 3.0
-    ) -> dict[str, Any]:
-        """`wait_for` for async tests: polls in a worker thread, so the test's loop runs on."""
-        return await anyio.to_thread.run_sync(self.wait_for, predicate, within_s)
+Simulator = LiveSimulator
 
 
 class RawServer:

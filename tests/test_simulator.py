@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from types import TracebackType
 from typing import Any
 
 import anyio
 import httpx2
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from starlette.types import ASGIApp
 
 from gateway.simulator import FaultError, Faults, create_simulator_app, parse_faults
+from gateway.testing import LiveServer
 
 SETTLE_S = 2.0  # how long the simulator may take to notice a client went away
-
-
-class LiveServer:
-    """Serve an ASGI app with uvicorn on a free port of 127.0.0.1, in a background thread."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=5,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        port = int(self._server.servers[0].sockets[0].getsockname()[1])
-        return f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture

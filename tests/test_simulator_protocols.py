@@ -29,7 +29,8 @@ from openai.types.responses import (
 from pydantic import SecretStr
 
 from gateway.simulator import create_simulator_app
-from tests.test_simulator import LiveServer, settled, stats_when
+from gateway.testing import LiveServer
+from tests.test_simulator import settled, stats_when
 
 VERSION = {"anthropic-version": "2023-06-01"}
 HELLO: list[MessageParam] = [{"role": "user", "content": "hello there"}]

@@ -10,85 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any
 
-import httpx2
 import pytest
-import uvicorn
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.simulator import create_simulator_app
-from starlette.types import ASGIApp
+from gateway.testing import LiveServer as LiveServer  # the tests import both from here
+from gateway.testing import LiveSimulator
 
 SLACK_S = 1.0  # scheduling noise: the tests share two cores with other test runs
 
-
-class LiveServer:
-    """An ASGI app served by uvicorn on 127.0.0.1 with a free port, in a background thread."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.request_exit()
-        self._thread.join(timeout=10)
-
-    def request_exit(self) -> None:
-        """Ask the server to stop (it does within ~0.1 s); `__exit__` then waits for it."""
-        self._server.should_exit = True
-
-
-class Simulator(LiveServer):
-    def __init__(self) -> None:
-        super().__init__(create_simulator_app())
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
-
-    def stats(self) -> dict[str, Any]:
-        response = httpx2.get(f"{self.url}/sim/stats", timeout=5)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], within_s: float = 3.0
-    ) -> dict[str, Any]:
-        """Poll the stats until `predicate` holds; fail with the last stats if it never does."""
-        deadline = time.monotonic() + within_s
-        while True:
-            stats = self.stats()
-            if predicate(stats):
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the simulator never reached the expected state: {stats}")
-            time.sleep(0.02)
-
-    def budget_seen_ms(self) -> int:
-        """The `X-Request-Timeout-Ms` the gateway forwarded with the last upstream request: at
-        most what the gateway received (it forwards what remains minus its margin)."""
-        return int(self.stats()["last_headers"]["x-request-timeout-ms"])
+Simulator = LiveSimulator
 
 
 GatewayFactory = Callable[..., LiveServer]
