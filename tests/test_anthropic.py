@@ -349,7 +349,9 @@ async def test_a_messages_stall_ends_in_an_anthropic_error_event(
     await simulator.until(lambda s: s["cancelled"] == 1 and s["open"] == 0)
 
 
-async def test_messages_pings_alone_end_at_ttft_with_a_504(gateway: GatewayFactory) -> None:
+async def test_messages_pings_alone_end_at_ttft_with_a_504(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
     server = gateway(
         claude("claude@ttft-ms=9000,keepalive-ms=50", budget={"ttft_s": 0.5}, retry={"attempts": 1})
     )
@@ -359,6 +361,7 @@ async def test_messages_pings_alone_end_at_ttft_with_a_504(gateway: GatewayFacto
     assert caught.value.status_code == 504
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["error"]["code"] == "upstream_ttft_timeout"
+    await simulator.until(lambda s: s["cancelled"] == 1 and s["open"] == 0)  # it saw the cut
 
 
 async def test_a_messages_client_disconnect_cancels_the_upstream(

@@ -63,7 +63,9 @@ async def read_stream(client: anthropic.AsyncAnthropic, within: float | None = N
             pass
 
 
-async def test_anthropic_shaped_timeouts_are_gateway_timeouts(gateway: GatewayFactory) -> None:
+async def test_anthropic_shaped_timeouts_are_gateway_timeouts(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
     server = gateway(
         claude_routes(
             ("slow", "c@ttft-ms=5000", {"ttft_s": 0.3}),
@@ -77,6 +79,7 @@ async def test_anthropic_shaped_timeouts_are_gateway_timeouts(gateway: GatewayFa
             await read_stream(client)  # outside a deadline
     assert (status.value.code, status.value.status_code) == ("upstream_ttft_timeout", 504)
     assert (event.value.code, event.value.status_code) == ("upstream_idle_timeout", None)
+    simulator.wait_for(lambda s: s["cancelled"] == 2 and s["open"] == 0)  # both were cut
 
 
 def test_the_synchronous_client_is_bounded_by_a_deadline_too(
