@@ -90,7 +90,7 @@ class MessagesStream:
         return UpstreamStatus(status, json.dumps(event).encode(), {}, {})
 
     def usage(self, event: object) -> dict[str, Any] | None:
-        return _usage(event)
+        return usage_counts(event)
 
     def streamable(self, payload: Mapping[str, Any]) -> bool:
         return True
@@ -99,7 +99,7 @@ class MessagesStream:
         return MessageAssembler()
 
 
-def _usage(event: object) -> dict[str, Any] | None:
+def usage_counts(event: object) -> dict[str, Any] | None:
     """Token counts of a message, `message_start` or `message_delta`, in OpenAI's names."""
     if not isinstance(event, Mapping):
         return None

@@ -314,7 +314,7 @@ def completion(message: Mapping[str, Any]) -> dict[str, Any]:
     choice = {"index": 0, "message": reply, "logprobs": None}
     choice["finish_reason"] = FINISH_REASONS.get(str(message.get("stop_reason")), "stop")
     body = _head(message.get("id"), message.get("model"), "chat.completion")
-    body |= {"choices": [choice], "usage": _usage(anthropic.MessagesStream().usage(message))}
+    body |= {"choices": [choice], "usage": _usage(anthropic.usage_counts(message))}
     return body
 
 
@@ -350,7 +350,7 @@ class ChunkTranslator:
         error = anthropic.error_of(event)
         if error is not None:
             raise _translated_error(anthropic.STATUS_BY_TYPE.get(error[0], 502), *error)
-        self.usage |= anthropic.MessagesStream().usage(event) or {}
+        self.usage |= anthropic.usage_counts(event) or {}
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message")
