@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import aiohttp
@@ -86,21 +86,10 @@ async def httpx2_whole(client: httpx2.AsyncClient, url: str, body: bytes) -> Sam
 async def httpx2_stream(client: httpx2.AsyncClient, url: str, body: bytes) -> Sample:
     """A streaming POST read with `aiter_bytes()`; checks the stream ends with `[DONE]`."""
     start = time.perf_counter()
-    ttfb = 0.0
-    chunks = nbytes = 0
-    tail = b""
     async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as response:
         if response.status_code != 200:
             _check(url, response.status_code, await response.aread())
-        async for chunk in response.aiter_bytes():
-            if not chunks:
-                ttfb = time.perf_counter() - start
-            chunks += 1
-            nbytes += len(chunk)
-            tail = (tail + chunk)[-len(_DONE) :]
-    latency = time.perf_counter() - start
-    _check_done(url, tail, nbytes)
-    return Sample(latency_s=latency, ttfb_s=ttfb, chunks=chunks, nbytes=nbytes)
+        return await _read_stream(url, start, response.aiter_bytes())
 
 
 async def aiohttp_whole(session: aiohttp.ClientSession, url: str, body: bytes) -> Sample:
@@ -115,18 +104,23 @@ async def aiohttp_whole(session: aiohttp.ClientSession, url: str, body: bytes) -
 async def aiohttp_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> Sample:
     """A streaming POST read with `content.iter_any()` (what has arrived, per read)."""
     start = time.perf_counter()
-    ttfb = 0.0
-    chunks = nbytes = 0
-    tail = b""
     async with session.post(url, data=body, headers=JSON_HEADERS) as response:
         if response.status != 200:
             _check(url, response.status, await response.read())
-        async for chunk in response.content.iter_any():
-            if not chunks:
-                ttfb = time.perf_counter() - start
-            chunks += 1
-            nbytes += len(chunk)
-            tail = (tail + chunk)[-len(_DONE) :]
+        return await _read_stream(url, start, response.content.iter_any())
+
+
+async def _read_stream(url: str, start: float, reads: AsyncIterator[bytes]) -> Sample:
+    """Each read counted (the client's own chunking); the time to the first and the last."""
+    ttfb = 0.0
+    chunks = nbytes = 0
+    tail = b""
+    async for chunk in reads:
+        if not chunks:
+            ttfb = time.perf_counter() - start
+        chunks += 1
+        nbytes += len(chunk)
+        tail = (tail + chunk)[-len(_DONE) :]
     latency = time.perf_counter() - start
     _check_done(url, tail, nbytes)
     return Sample(latency_s=latency, ttfb_s=ttfb, chunks=chunks, nbytes=nbytes)
