@@ -8,8 +8,10 @@ their own stacks against the simulator. Nothing in the gateway imports this modu
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any, Self
@@ -100,3 +102,18 @@ class LiveSimulator(LiveServer):
         """The `X-Request-Timeout-Ms` the gateway forwarded with the last upstream request: at
         most what the gateway received (it forwards what remains minus its margin)."""
         return int(self.stats()["last_headers"]["x-request-timeout-ms"])
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[Any], within_s: float = 20.0) -> bool:
+    """Poll `url` until it answers 200 (True); False if `process` exits or `within_s` pass
+    first, for the caller to say why with what it knows (the process's output)."""
+    deadline = time.monotonic() + within_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):  # not listening yet, or not ready (503)
+            pass
+        time.sleep(0.1)
+    return False

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import pytest
 
 from gateway.cli import main
+from gateway.testing import wait_until_ready
 from tests.conftest import CHAT, Simulator
 
 VALID = """
@@ -117,18 +117,11 @@ def serving(args: list[str], cwd: Path) -> Iterator[Served]:
     served = Served(url=f"http://127.0.0.1:{port}", process=process)
     url = served.url
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise AssertionError(f"serve exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve never became ready"
-            time.sleep(0.1)
+        if not wait_until_ready(f"{url}/readyz", process):
+            if process.poll() is None:
+                raise AssertionError("serve never became ready")
+            output = process.stdout.read().decode() if process.stdout else ""
+            raise AssertionError(f"serve exited with {process.returncode}:\n{output}")
         yield served
     finally:
         process.terminate()

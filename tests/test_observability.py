@@ -18,6 +18,7 @@ import httpx2 as httpx
 import pytest
 import yaml
 
+from gateway.testing import wait_until_ready
 from tests.conftest import (
     CHAT,
     GatewayFactory,
@@ -59,15 +60,8 @@ class Prometheus:
         )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError(f"prometheus did not start: {self.stderr()}")
-            time.sleep(0.1)
+        if not wait_until_ready(f"{self.url}/-/ready", self.process):
+            raise AssertionError(f"prometheus did not start: {self.stderr()}")
         while not self._scraping():  # it applies new targets after about 5 s
             if time.monotonic() > deadline:
                 raise AssertionError(f"prometheus never scraped {target}: {self.stderr()}")

@@ -7,12 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 import pytest
+from gateway.testing import wait_until_ready
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 FALLBACK = "Error: Downstream AI orchestration exceeded its execution time budget."
@@ -34,16 +33,7 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx2.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert server.poll() is None, "llm-gateway serve exited"
-            assert time.monotonic() < deadline, "llm-gateway serve did not get ready"
-            time.sleep(0.1)
+        assert wait_until_ready(f"{url}/readyz", server), "llm-gateway serve did not get ready"
         yield f"{url}/v1"
     finally:
         server.terminate()
