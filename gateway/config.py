@@ -48,6 +48,7 @@ __all__ = [
 # Conditions a route may retry on: transport-level ones by name, HTTP statuses by number.
 RETRY_CONDITIONS = frozenset({"connect", "ttft", "idle", "protocol"})
 LOG_FORMATS = ("text", "json")
+OUTLIER_MODES = ("panic", "fail_fast")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +179,8 @@ class Route:
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
     hedge: Hedge | None = None
     upstream_stream: bool = True  # ask for a stream even when the client did not
+    # When every target is ejected: send to the one back soonest, or answer `circuit_open`.
+    outlier_mode: str = "panic"  # or "fail_fast"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,6 +408,9 @@ def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
     retry_budget = _read_retry_budget(r.section("retry_budget"))
     hedge = _read_hedge(r.section("hedge"), len(targets)) if r.has("hedge") else None
     upstream_stream = r.boolean("upstream_stream", True)
+    outlier_mode = r.optional_text("outlier_mode") or "panic"
+    if outlier_mode not in OUTLIER_MODES:
+        r.error("outlier_mode", f"must be panic or fail_fast (got {outlier_mode!r})")
     r.unknown_keys()
     return Route(
         model=model,
@@ -414,6 +420,7 @@ def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
         retry_budget=retry_budget,
         hedge=hedge,
         upstream_stream=upstream_stream,
+        outlier_mode=outlier_mode,
     )
 
 
@@ -549,6 +556,7 @@ def describe_config(config: Config) -> str:
             f"  retry_budget ratio={_num(route.retry_budget.ratio)} "
             f"min_per_s={_num(route.retry_budget.min_per_s)}  hedge={_hedge(route.hedge)}"
             f"  upstream_stream={str(route.upstream_stream).lower()}"
+            f"  outlier_mode={route.outlier_mode}"
         )
         for i, target in enumerate(route.targets, 1):
             fallback = " (fallback)" if i > 1 else ""

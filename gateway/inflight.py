@@ -55,6 +55,7 @@ class Exchange:
     trace_id: str | None = None  # from the client's W3C traceparent
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason)
     hedge: str | None = None  # not_needed, fired, won or lost
+    panic_routed: bool = False  # sent to an ejected target because every target was out
     # The cancel scope the request is running in, if any: a disconnect cancels it.
     scope: anyio.CancelScope | None = None
 
@@ -102,6 +103,7 @@ class Exchange:
 class Inflight:
     def __init__(self) -> None:
         self._exchanges: set[Exchange] = set()
+        self.ended = 0  # requests that have ended since start-up (a drain counts them)
         self._emptied: anyio.Event | None = None  # set when the last request ends
 
     def __len__(self) -> int:
@@ -114,6 +116,7 @@ class Inflight:
             yield exchange
         finally:
             self._exchanges.discard(exchange)
+            self.ended += 1
             if not self._exchanges and self._emptied is not None:
                 self._emptied.set()
 

@@ -11,6 +11,7 @@ upstream request, and only then let the server stop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from types import FrameType
 import anyio
 
 from gateway.inflight import Inflight
+from gateway.observability import logs
 
 _SETTLE_S = 2.0  # for the last words of the requests that were cut
+LOG = logging.getLogger("gateway.lifecycle")
 
 
 class Lifecycle:
@@ -60,11 +63,23 @@ class Lifecycle:
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(then)))
 
     async def _drain(self, then: Callable[[], None]) -> None:
+        inflight = self.inflight
+        ended_before = inflight.ended
+        logs.event(
+            LOG,
+            logging.WARNING,
+            {"event": "drain_started", "in_flight": len(inflight), "grace_s": self.grace_s},
+        )
         with anyio.move_on_after(self.grace_s):
-            await self.inflight.wait_empty()
+            await inflight.wait_empty()
         self.cut = True
-        for exchange in self.inflight.exchanges():
+        finished = inflight.ended - ended_before
+        left = inflight.exchanges()
+        for exchange in left:
             exchange.shut_down()
         with anyio.move_on_after(_SETTLE_S):
-            await self.inflight.wait_empty()
+            await inflight.wait_empty()
+        logs.event(
+            LOG, logging.INFO, {"event": "drain_ended", "finished": finished, "cut": len(left)}
+        )
         then()

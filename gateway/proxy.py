@@ -305,16 +305,16 @@ def _finish(
         "outcome": outcome,
         "upstream": exchange.upstream if exchange else None,
         "attempts": exchange.attempts if exchange else 0,
-        "ms": (now - arrival) * 1000,
+        "ms": logs.ms(now - arrival),
     }
     if exchange is not None:
         budget = exchange.budget
         usage = exchange.usage or {}
         fields |= {
-            "queue_ms": exchange.queue_s * 1000,
-            "upstream_ms": None if exchange.upstream_s is None else exchange.upstream_s * 1000,
-            "ttft_ms": None if exchange.ttft_s is None else exchange.ttft_s * 1000,
-            "budget_s": round(budget.deadline.at - arrival + budget.margin_s, 3),
+            "queue_ms": logs.ms(exchange.queue_s),
+            "upstream_ms": None if exchange.upstream_s is None else logs.ms(exchange.upstream_s),
+            "ttft_ms": None if exchange.ttft_s is None else logs.ms(exchange.ttft_s),
+            "budget_s": logs.seconds(budget.deadline.at - arrival + budget.margin_s),
             "budget_source": budget.deadline.source,
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),

@@ -45,8 +45,9 @@ from gateway.inflight import Attempt, Exchange
 from gateway.protocols.api import Api, Assembly, Translation
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
+from gateway.resilience.outlier import Standing, passed_over
 from gateway.responses import ResponseWriter
-from gateway.routing import RouteState, failure_condition, upstreams_fault
+from gateway.routing import RouteState, failure_condition
 from gateway.sse import Event
 from gateway.upstream import (
     UPSTREAM_ERRORS,
@@ -179,10 +180,16 @@ class Relay:
                 if not self._fits(target, wait):
                     self._skip(target, "budget")
                     break
-                if not upstream.outlier.admit(now + wait):
-                    self._skip(target, "ejected")
-                    ejected.append(upstream.outlier.retry_after(now))
+                standing = upstream.outlier.standing(now)
+                if standing.out is None:
+                    upstream.outlier.admit(now)  # claims the probe, if one is due
+                elif passed_over(index, self._standings(now), panic=route.outlier_mode == "panic"):
+                    self._skip(target, "ejected" if standing.out == "ejected" else "retry_after")
+                    if standing.out == "ejected":
+                        ejected.append(upstream.outlier.retry_after(now))
                     break
+                elif standing.out == "ejected":
+                    exchange.panic_routed = True  # every target is out: this one comes back first
                 if wait:
                     exchange.backoff_s += wait
                     await anyio.sleep(wait)
@@ -207,6 +214,9 @@ class Relay:
                 retry_after_s=max(1, math.ceil(min(ejected))),
             )
         raise BudgetExceeded("total", "No target can answer within the time left.")
+
+    def _standings(self, now: float) -> list[Standing]:
+        return [self.upstreams[t.upstream].outlier.standing(now) for t in self.targets]
 
     def _fits(self, target: Target, wait: float) -> bool:
         now = clock()
@@ -258,9 +268,10 @@ class Relay:
                     self._skip(second, "budget")
                 elif not self.state.retry_budget.try_spend(now):
                     self._skip(second, "retry_budget")
-                elif not upstream.outlier.admit(now):
-                    self._skip(second, "ejected")
+                elif (out := upstream.outlier.standing(now).out) is not None:
+                    self._skip(second, "ejected" if out == "ejected" else "retry_after")
                 else:
+                    upstream.outlier.admit(now)  # claims the probe, if one is due
                     exchange.hedge = "fired"
                     self._tried.add((second, 1))
                     group.start_soon(run, second)
@@ -301,10 +312,7 @@ class Relay:
                     raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
         except GatewayError as error:
             record.outcome = error.code
-            if upstreams_fault(error, client_gap=exchange.budget.client_gap):
-                upstream.outlier.failure(clock())
-            else:
-                upstream.outlier.neutral()
+            upstream.report_failure(error, client_gap=exchange.budget.client_gap)
             attempt_log.info(
                 "request_id=%s route=%s upstream=%s model=%s outcome=%s ms=%.1f",
                 exchange.request_id, self.route.model, upstream.name, target.model, error.code,
@@ -319,7 +327,7 @@ class Relay:
         else:
             if race is None or race.winner == target:
                 record.outcome = "ok"
-                upstream.outlier.success()
+                upstream.report_success()
             else:  # lost a hedge: it says nothing of the upstream
                 record.outcome, record.cancel_reason = "cancelled", "hedge_lost"
                 upstream.outlier.neutral()

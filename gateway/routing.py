@@ -56,11 +56,23 @@ def failure_condition(failure: GatewayError) -> str | int | None:
     )
 
 
+def overloaded(failure: GatewayError) -> bool:
+    """Whether the upstream said it is busy: a 429, or a 503/529 with Retry-After. That is
+    load, not an outage: it cools the upstream, never ejects it."""
+    if not isinstance(failure, UpstreamStatus):
+        return False
+    if failure.status == 429:
+        return True
+    asked = "retry-after" in failure.passed or "retry-after-ms" in failure.passed
+    return failure.status in (503, 529) and asked
+
+
 def upstreams_fault(failure: GatewayError, *, client_gap: bool) -> bool:
     """Whether a failed attempt counts against its upstream for outlier ejection: refused or
-    timed-out connects, no token in time, 5xx, nonsense; never a budget the client set."""
+    timed-out connects, no token in time, 5xx, nonsense; never a budget the client set, nor
+    an upstream's word that it is busy (`overloaded`)."""
     if isinstance(failure, UpstreamStatus):
-        return failure.status >= 500
+        return failure.status >= 500 and not overloaded(failure)
     if isinstance(failure, BudgetExceeded):
         return failure.phase in ("connect", "attempt") or (
             failure.phase in ("ttft", "idle") and not client_gap

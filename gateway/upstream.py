@@ -16,6 +16,7 @@ import heapq
 import itertools
 import math
 import socket
+import time
 from collections import deque
 from collections.abc import Mapping
 
@@ -24,8 +25,11 @@ import anyio
 
 from gateway.config import UpstreamConfig
 from gateway.deadline import clock
-from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamFailed
+from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamFailed, UpstreamStatus
+from gateway.observability import health
+from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.resilience.outlier import OutlierDetector
+from gateway.routing import overloaded, upstreams_fault
 from gateway.sse import SSEProtocolError
 
 _RATE_WINDOW = 64  # recent slot releases that estimate a full queue's Retry-After
@@ -141,6 +145,26 @@ class Upstream:
             response.release()
         else:
             response.close()
+
+    def report_success(self) -> None:
+        if self.outlier.success():
+            health.restored(self.name)
+
+    def report_failure(self, failure: GatewayError, *, client_gap: bool) -> None:
+        """What a failed attempt says of this upstream: busy (it cools), broken (a step
+        towards ejection), or nothing (the caller's own budget, a disconnect)."""
+        now = clock()
+        if isinstance(failure, UpstreamStatus) and overloaded(failure):
+            asked = asked_retry_after(failure.passed, time.time())
+            cooling = self.outlier.overloaded(now, asked)
+            if cooling is not None:
+                health.cooling(self.name, cooling, failure.status)
+        elif upstreams_fault(failure, client_gap=client_gap):
+            ejection = self.outlier.failure(now)
+            if ejection is not None:
+                health.ejected(self.name, ejection)
+        else:
+            self.outlier.neutral()
 
     def pool_state(self) -> dict[str, int]:
         """Requests admitted and queued, and the client's sockets, for debugging and metrics."""

@@ -118,6 +118,7 @@ def test_full_example_from_design_loads() -> None:
                 retry_budget=RetryBudget(ratio=0.2, min_per_s=3),
                 hedge=Hedge(after_s=0.5),
                 upstream_stream=True,
+                outlier_mode="fail_fast",
             ),
         ),
     )
@@ -347,6 +348,10 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
         (
             {"route": {"upstream_stream": "yes"}},
             'routes[0].upstream_stream: must be true or false (got "yes")',
+        ),
+        (
+            {"route": {"outlier_mode": "open"}},
+            "routes[0].outlier_mode: must be panic or fail_fast (got 'open')",
         ),
         (
             {"upstream": {"outlier": {"consecutive_failures": 0}}},
@@ -674,7 +679,7 @@ def test_describe_config_masks_secrets_and_lists_routes() -> None:
             "route gpt-4o  budget total_s=20 ttft_s=8 idle_s=5 attempt_s=12"
             "  retry attempts=3 backoff_s=0.2 on=[connect, idle, ttft, 429, 500, 502, 503, 504]"
             " min_attempt_s=0.1  retry_budget ratio=0.2 min_per_s=3  hedge=after_s=0.5"
-            "  upstream_stream=true",
+            "  upstream_stream=true  outlier_mode=fail_fast",
             "  1. openai -> gpt-4o-2024-08-06",
             "  2. vllm -> meta-llama/Llama-3.1-8B-Instruct (fallback)",
         ]

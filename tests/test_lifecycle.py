@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import pytest
 import yaml
 
 from tests.conftest import CHAT, Simulator
@@ -92,6 +93,11 @@ def test_sigterm_drains_then_ends_what_is_left(tmp_path: Path, simulator: Simula
     access = [line for line in output.splitlines() if "gateway.access" in line]
     assert len(access) == 2, output
     assert all("outcome=shutting_down" in line for line in access), access
+    drain = [line[line.index("event=") :] for line in output.splitlines() if "event=drain" in line]
+    assert drain == [
+        f"event=drain_started in_flight=2 grace_s={GRACE_S}",
+        "event=drain_ended finished=0 cut=2",
+    ]
 
 
 def _wait_queued(url: str) -> None:
@@ -99,3 +105,61 @@ def _wait_queued(url: str) -> None:
     while httpx.get(f"{url}/debug/inflight", timeout=5).json()["pools"]["sim"]["queued"] != 1:
         assert time.monotonic() < deadline, "the second request never queued"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_each_protective_act_is_one_log_line(
+    tmp_path: Path, simulator: Simulator, log_format: str
+) -> None:
+    """An ejection, the restore after it, a drain's start and its end: one line each, in the
+    format the operator chose, with the numbers that explain it."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"shutdown_grace_s": GRACE_S, "log_format": log_format},
+                "upstreams": [
+                    {
+                        "name": "sim",
+                        "base_url": simulator.base_url,
+                        "outlier": {"consecutive_failures": 2, "base_ejection_s": 0.3},
+                    }
+                ],
+                "routes": [
+                    {
+                        "model": "m",
+                        "targets": [{"upstream": "sim", "model": "sim@status=500,flaky=4"}],
+                    }
+                ],
+            }
+        )
+    )
+    with serving(["--config", str(config)], cwd=tmp_path) as served:
+        statuses = [
+            httpx.post(
+                f"{served.url}/v1/chat/completions",
+                json={"model": "m", "messages": CHAT},
+                timeout=10,
+            ).status_code
+            for _ in range(5)
+        ]
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=15)
+    assert statuses == [500, 500, 500, 500, 200]  # ejected after 2, still served (panic routing)
+    lines = [line for line in served.output.splitlines() if "event=" in line or '"event"' in line]
+    if log_format == "json":
+        events = [json.loads(line) for line in lines]
+    else:
+        pairs = (line[line.index("event=") :].split(" ") for line in lines)
+        events = [dict(pair.split("=", 1) for pair in line) for line in pairs]
+    assert [event["event"] for event in events] == [
+        "upstream_ejected",
+        "upstream_restored",
+        "drain_started",
+        "drain_ended",
+    ], served.output
+    ejected, _, started, ended = events
+    assert str(ejected["failures"]) == "2"
+    assert str(ejected["ejected_s"]) == "0.3"
+    assert str(started["in_flight"]) == "0"
+    assert (str(ended["finished"]), str(ended["cut"])) == ("0", "0")

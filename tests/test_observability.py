@@ -29,6 +29,7 @@ from tests.conftest import (
     one_route,
 )
 from tests.test_cli import free_port, serving
+from tests.test_resilience import scrape
 
 pytestmark = pytest.mark.anyio
 
@@ -125,6 +126,41 @@ def prometheus_for() -> Iterator[Any]:
 def exported_names(server: LiveServer) -> set[str]:
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     return {match[1] for match in re.finditer(r"^# TYPE (\S+) ", text, re.M)}
+
+
+async def test_a_stall_shows_before_idle_s_ends_it(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """With the default stall_warn_s (10 s), a route whose idle_s is 1 s still shows its
+    stall: a request is stalled after min(stall_warn_s, idle_s / 2) without content."""
+    data = one_route(
+        "gauge-stall", target_model="sim@hang=after-2,keepalive-ms=100", budget={"idle_s": 1}
+    )
+    data["upstreams"][0]["name"] = "gauge-sim"
+    data["routes"][0]["targets"][0]["upstream"] = "gauge-sim"
+    server = gateway(data)
+    seen: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (seen and seen[-1] == 0 and 1 in seen):
+            seen.append(scrape(server.url)['llm_gateway_stalled_requests{upstream="gauge-sim"}'])
+            time.sleep(0.1)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(
+            off_loop,
+            lambda: httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={"model": "gauge-stall", "messages": CHAT, "stream": True},
+                timeout=10,
+            ),
+        )
+        await simulator.until(lambda s: s["open"] == 1)
+        await off_loop(watch)
+    assert 1 in seen  # visible while it hung
+    assert seen[-1] == 0  # and gone once idle_s ended it
+    await simulator.until(lambda s: s["cancelled"] == 1)
 
 
 async def test_prometheus_sees_a_stall_while_it_happens(

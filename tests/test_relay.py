@@ -75,12 +75,27 @@ def test_falls_back_when_the_first_token_is_late(
 def test_retries_a_listed_status_then_passes_the_last_answer_through(
     gateway: GatewayFactory, simulator: Simulator
 ) -> None:
-    data = two_targets("sim@status=503,retry-after=1", "sim@status=503,retry-after=1")
+    data = two_targets("sim@status=503", "sim@status=503")
     data["routes"][0]["retry"] = {"attempts": 2, "backoff_s": 0.01, "retry_on": [503]}
     response = chat(gateway(data).url)
     assert response.status_code == 503
     assert response.headers["x-gateway-attempts"] == "4"
     assert simulator.stats()["total"] == 4
+
+
+def test_a_target_that_asked_for_time_is_passed_over_for_the_next(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """A 503 with Retry-After cools the primary: its retry is passed over for the backup;
+    the backup, the last one left, is retried once its own Retry-After has passed."""
+    data = two_targets("sim@status=503,retry-after=1", "sim@status=503,retry-after=1")
+    data["routes"][0]["retry"] = {"attempts": 2, "backoff_s": 0.01, "retry_on": [503]}
+    started = time.monotonic()
+    response = chat(gateway(data).url)
+    assert response.status_code == 503
+    assert response.headers["x-gateway-attempts"] == "3"
+    assert simulator.stats()["total"] == 3
+    assert 1.0 <= time.monotonic() - started < 1.0 + 1.5
 
 
 def test_does_not_retry_an_unlisted_status(gateway: GatewayFactory, simulator: Simulator) -> None:

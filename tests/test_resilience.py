@@ -13,6 +13,7 @@ import anyio
 import httpx2 as httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     CHAT,
@@ -36,6 +37,28 @@ def chat_within(url: str, budget_ms: int) -> httpx.Response:
         headers={"x-request-timeout-ms": str(budget_ms)},
         timeout=10,
     )
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The gateway's /metrics as {'name{label="value",...}': value}, labels sorted."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return {
+        sample.name
+        + "{"
+        + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+        + "}": sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What changed between two scrapes (counters that moved)."""
+    return {
+        name: value - before.get(name, 0.0)
+        for name, value in after.items()
+        if value != before.get(name, 0.0)
+    }
 
 
 def error_code(response: httpx.Response) -> str:
@@ -278,9 +301,12 @@ def test_an_upstream_is_ejected_skipped_probed_and_restored(
     assert chat(server.url).headers["x-gateway-upstream"] == "primary"
 
 
-def test_only_ejected_targets_left_is_circuit_open(gateway: GatewayFactory) -> None:
+def test_a_fail_fast_route_answers_circuit_open_when_every_target_is_ejected(
+    gateway: GatewayFactory,
+) -> None:
     data = one_route(target_model="sim@status=500")
     data["upstreams"][0]["outlier"] = {"consecutive_failures": 1, "base_ejection_s": 5}
+    data["routes"][0]["outlier_mode"] = "fail_fast"
     server = gateway(data)
     assert chat(server.url).status_code == 500
     response = chat(server.url)
@@ -288,6 +314,87 @@ def test_only_ejected_targets_left_is_circuit_open(gateway: GatewayFactory) -> N
     assert error_code(response) == "circuit_open"
     assert 1 <= int(response.headers["retry-after"]) <= 5
     assert response.headers["x-should-retry"] == "true"
+
+
+def test_ejection_never_blacks_out_a_single_target_route(
+    gateway: GatewayFactory, simulator: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 upstream 503s in a row eject it, yet each request still reaches it (panic routing),
+    so the first request after it recovers is answered by it, not by `circuit_open`."""
+    server = gateway(one_route(target_model="sim@status=503,flaky=20"))
+    before = scrape(server.url)  # the registry is the process's: other tests count in it too
+    with caplog.at_level(logging.INFO, logger="gateway.health"):
+        for _ in range(20):
+            response = chat(server.url)
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] != "circuit_open"
+        assert simulator.stats()["total"] == 20  # every one of them reached the upstream
+        recovered = chat(server.url)
+    assert recovered.status_code == 200
+    assert recovered.headers["x-gateway-upstream"] == "sim"
+    health = [record for record in caplog.records if record.name == "gateway.health"]
+    assert [getattr(record, "fields")["event"] for record in health] == [
+        "upstream_ejected",
+        "upstream_restored",
+    ]
+    ejected = health[0]
+    assert ejected.levelname == "WARNING"
+    assert ejected.getMessage() == (
+        "event=upstream_ejected upstream=sim reason=failures failures=5 ejected_s=10.0"
+    )
+    counted = delta(before, scrape(server.url))
+    assert counted['llm_gateway_upstream_ejections_total{reason="failures",upstream="sim"}'] == 1
+    assert counted['llm_gateway_panic_routed_total{route="m"}'] == 20 - 5 + 1
+
+
+def test_an_upstream_saying_it_is_busy_cools_and_is_never_ejected(
+    gateway: GatewayFactory, simulator: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 with Retry-After: 2 is load, not an outage: the fallback takes the requests for
+    those 2 s, then the primary is asked again; nothing is ejected."""
+    data = two_targets("sim@status=429,retry-after=2", "sim@tokens=1")
+    data["upstreams"][0]["outlier"] = {"consecutive_failures": 1}
+    server = gateway(data)
+    before = scrape(server.url)
+    with caplog.at_level(logging.INFO, logger="gateway.health"):
+        first = chat(server.url)
+        assert first.headers["x-gateway-upstream"] == "backup"
+        assert first.headers["x-gateway-attempts"] == "2"
+        cooled = time.monotonic()
+        calls = 0
+        while time.monotonic() - cooled < 1.5:  # well inside the 2 s
+            response = chat(server.url)
+            assert response.headers["x-gateway-upstream"] == "backup"
+            assert response.headers["x-gateway-attempts"] == "1"  # the primary was left alone
+            calls += 1
+        assert simulator.stats()["total"] == 2 + calls
+        time.sleep(max(0.0, cooled + 2.2 - time.monotonic()))
+        after = chat(server.url)
+    assert after.headers["x-gateway-attempts"] == "2"  # cooled down: the primary is asked again
+    health = [record for record in caplog.records if record.name == "gateway.health"]
+    events = [getattr(record, "fields")["event"] for record in health]
+    assert events == ["upstream_cooling", "upstream_cooling"]  # one line per busy spell
+    assert "status=429 cooling_s=2.0" in health[0].getMessage()
+    counted = delta(before, scrape(server.url))
+    assert not [name for name in counted if "ejections" in name]
+    skipped = (
+        'llm_gateway_attempts_skipped_total{reason="retry_after",route="m",upstream="primary"}'
+    )
+    assert counted[skipped] == calls
+
+
+def test_a_single_target_that_is_busy_still_gets_the_request(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    """With no other target, a cooling upstream is asked anyway: the client gets its answer."""
+    data = one_route(target_model="sim@status=503,retry-after=30")
+    data["upstreams"][0]["outlier"] = {"consecutive_failures": 1}
+    server = gateway(data)
+    for _ in range(3):
+        response = chat(server.url)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "30"  # the upstream's own answer
+    assert simulator.stats()["total"] == 3
 
 
 def test_a_callers_own_short_deadline_never_ejects(
@@ -343,7 +450,9 @@ async def test_the_queue_serves_the_earliest_deadline_first(
 ) -> None:
     server = gateway(
         one_route(
-            target_model="sim@latency-ms=300",
+            # Long enough that the blocker still holds the slot while the others queue, even
+            # on a loaded machine.
+            target_model="sim@latency-ms=1000",
             upstream={"max_connections": 1},
             budget={"total_s": 20},
         )

@@ -1,8 +1,10 @@
-"""Logging set-up and the access line: one per request, as text or as JSON.
+"""Logging set-up, the access line (one per request) and event lines (one per protective act:
+an ejection, a drain), as text or as JSON.
 
-An access line's message is its fields as `key=value` pairs (what any handler shows), and the
-record carries the fields themselves (`extra={"fields": {...}}`), which the JSON formatter
-writes as keys. The fields are ids, names from the config and numbers: never a key or a body.
+A line's message is its fields as `key=value` pairs (what any handler shows), and the record
+carries the fields themselves (`extra={"fields": {...}}`), which the JSON formatter writes as
+keys. The fields are ids, names from the config and numbers, rounded to what they mean (`ms`
+to 0.1 ms, `seconds` to the millisecond): never a key or a body.
 """
 
 from __future__ import annotations
@@ -50,14 +52,25 @@ def configure(level: str, log_format: str) -> None:
 
 
 def access(fields: dict[str, Any]) -> None:
-    if ACCESS.isEnabledFor(logging.INFO):  # nothing is formatted for a line not written
+    event(ACCESS, logging.INFO, fields)
+
+
+def event(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """One line of `fields`, as `key=value` pairs or JSON keys."""
+    if logger.isEnabledFor(level):  # nothing is formatted for a line not written
         line = " ".join(f"{key}={_text(value)}" for key, value in fields.items())
-        ACCESS.info("%s", line, extra={"fields": fields})
+        logger.log(level, "%s", line, extra={"fields": fields})
+
+
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to 0.1 ms."""
+    return round(seconds * 1000, 1)
+
+
+def seconds(value: float) -> float:
+    """Seconds to the millisecond."""
+    return round(value, 3)
 
 
 def _text(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
+    return "-" if value is None else str(value)

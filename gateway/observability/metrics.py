@@ -116,6 +116,16 @@ EJECTED = Gauge(
     ["upstream"],
     multiprocess_mode="livemax",
 )
+EJECTIONS = Counter(
+    f"{P}upstream_ejections",
+    "Times an upstream was ejected, by reason (failures, probe_failed).",
+    ["upstream", "reason"],
+)
+PANIC_ROUTED = Counter(
+    f"{P}panic_routed",
+    "Requests sent to an ejected target because every target of the route was out.",
+    ["route"],
+)
 
 
 _enabled = True
@@ -174,6 +184,8 @@ def record_request(
         _at(TIMEOUTS, route, exchange.upstream or "-", phase).inc()
     for upstream, reason in exchange.skipped:
         _at(SKIPPED, route, upstream, reason).inc()
+    if exchange.panic_routed:
+        _at(PANIC_ROUTED, route).inc()
     if exchange.hedge in ("won", "lost", "not_needed"):
         _at(HEDGES, route, exchange.hedge).inc()
     usage = exchange.usage
@@ -184,6 +196,10 @@ def record_request(
                 _at(TOKENS, route, exchange.upstream, kind).inc(count)
     overhead = total - upstream_s - exchange.queue_s - exchange.backoff_s
     _at(OVERHEAD, route).observe(max(0.0, overhead))
+
+
+def count_ejection(upstream: str, reason: str) -> None:
+    _at(EJECTIONS, upstream, reason).inc()
 
 
 def _timeout_phase(outcome: str) -> str | None:
@@ -202,7 +218,9 @@ def _counted(exchange: Exchange) -> bool:
 def sample(
     exchanges: Iterable[Exchange], upstreams: Mapping[str, Upstream], *, now: float, stall_s: float
 ) -> None:
-    """Set the gauges from what is in flight now (called every second and at each scrape)."""
+    """Set the gauges from what is in flight now (called every second and at each scrape). A
+    request is stalled after `min(stall_s, idle_s / 2)` without content, so a stall shows on
+    a route whose `idle_s` ends it sooner than `stall_warn_s`."""
     counts = {(name, phase): 0 for name in upstreams for phase in INFLIGHT_PHASES}
     stalled = dict.fromkeys(upstreams, 0)
     oldest = dict.fromkeys(upstreams, 0.0)
@@ -213,9 +231,9 @@ def sample(
         if (on, exchange.phase) in counts:
             counts[on, exchange.phase] += 1
         since = exchange.last_content_at or exchange.arrival
-        if now - since > stall_s:
+        if now - since > min(stall_s, exchange.budget.idle_s / 2):
             stalled[on] += 1
-        oldest[on] = max(oldest[on], now - exchange.arrival)
+        oldest[on] = max(oldest[on], round(now - exchange.arrival, 3))
     for (name, phase), count in counts.items():
         INFLIGHT.labels(name, phase).set(count)
     for name, upstream in upstreams.items():
