@@ -95,7 +95,8 @@ def test_every_key_the_chunks_carry_is_kept() -> None:
         assembler.feed(event)
     answer = assembler.result()
     assert answer["timings"] == {"ms": 3}
-    assert "obfuscation" not in answer and "usage" not in answer
+    assert "obfuscation" not in answer
+    assert "usage" not in answer
     (choice,) = answer["choices"]
     assert choice == {
         "index": 0,
