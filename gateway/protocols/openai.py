@@ -4,8 +4,10 @@ non-streaming answer rebuilt from the events, and the error envelope.
 The gateway asks upstreams for a stream even when the client did not, so `ttft_s`, `idle_s`
 and hedging guard every call; the client still gets the body the upstream would have sent
 without streaming (`chat.completion` or `text_completion`), `model` as the upstream reported
-it. A role-only chunk (`{"role": "assistant", "content": ""}`, sent at once by OpenAI and
-others) is not a token: an upstream that sends it and then stalls is stalled.
+it, every key the chunks carried kept. A role-only chunk (`{"role": "assistant", "content":
+""}`, sent at once by OpenAI and others) is not a token: an upstream that sends it and then
+stalls is stalled. An error event (`{"error": ...}`, vLLM's flat `{"object": "error"}`) is the
+attempt's failure before the first token, and all of an assembled answer's.
 """
 
 from __future__ import annotations
