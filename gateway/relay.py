@@ -350,16 +350,14 @@ class Relay:
         started = record.started
         attempt_end = min(started + budget.attempt_s, budget.deadline.at)
         translation = self.api.translation(upstream.config)
-        headers = self._headers(upstream, translation, attempt_end - started - budget.margin_s)
-        body = translation.request(self.body, self.payload, target.model, stream=self.streamed)
         response: aiohttp.ClientResponse | None = None
         try:
             exchange.phase = "connecting"
             if not self.streamed:  # a whole answer: the attempt and the deadline bound it
-                response = await self._send(upstream, translation, body, headers, started)
-                self._passed = passed_headers(response.headers)
-                await self._relay_whole(response, translation, upstream.config.max_response_bytes)
+                await self._exchange_whole(upstream, translation, target, record, race)
                 return
+            headers = self._headers(upstream, translation, attempt_end - started - budget.margin_s)
+            body = translation.request(self.body, self.payload, target.model, stream=True)
             rules = self.api.stream
             assert rules is not None  # streamed
             # The first token is due `ttft_s` after the attempt starts, whatever holds it up
@@ -382,10 +380,18 @@ class Relay:
             if first_scope.cancelled_caught:
                 raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
             if first is None:
-                raise UpstreamFailed(
-                    "The upstream ended the stream before any token.",
-                    code="upstream_protocol_error",
-                )
+                if assembler is None:
+                    raise UpstreamFailed(
+                        "The upstream ended the stream before any token.",
+                        code="upstream_protocol_error",
+                    )
+                # Some servers answer a prompt they refuse (one past the context length) with
+                # an empty stream; asked plainly, they say why, and the caller hears it.
+                assert response is not None  # the stream came from it
+                upstream.close(response)
+                response = None
+                await self._exchange_whole(upstream, translation, target, record, race)
+                return
             now = clock()
             record.ttft_s = now - started
             self.state.ttft[target].record(now, record.ttft_s)
@@ -400,22 +406,50 @@ class Relay:
             if assembler is None:
                 await self._relay_stream(first, events, record)
             else:
-                await self._relay_assembled(assembler, events, record)
+                await self._relay_assembled(assembler, events, record, upstream)
         except UPSTREAM_ERRORS as exc:
             raise map_transport_error(exc) from exc
         finally:
             if response is not None:
                 upstream.close(response)
 
+    async def _exchange_whole(
+        self,
+        upstream: Upstream,
+        translation: Translation,
+        target: Target,
+        record: Attempt,
+        race: _Race | None,
+    ) -> None:
+        """Ask for the whole answer (no stream) and relay it."""
+        budget = self.exchange.budget
+        attempt_end = min(record.started + budget.attempt_s, budget.deadline.at)
+        timeout_s = attempt_end - clock() - budget.margin_s
+        headers = self._headers(upstream, translation, timeout_s, streamed=False)
+        body = translation.request(self.body, self.payload, target.model, stream=False)
+        response = await self._send(upstream, translation, body, headers, record.started)
+        try:
+            if race is not None and not race.claim(target):
+                return  # the other attempt of a hedge had its token first
+            self._passed = passed_headers(response.headers)
+            await self._relay_whole(response, translation, upstream.config.max_response_bytes)
+        finally:
+            upstream.close(response)
+
     def _headers(
-        self, upstream: Upstream, translation: Translation, timeout_s: float
+        self,
+        upstream: Upstream,
+        translation: Translation,
+        timeout_s: float,
+        *,
+        streamed: bool = True,
     ) -> dict[str, str]:
         """An attempt's headers. Of the client's: the trace context, the protocol's own
         (`openai-beta`, `anthropic-version`) and what the upstream's `forward_headers` names;
         a client must not pick what is billed under the gateway's key."""
         headers = {
             "content-type": "application/json",
-            "accept": "text/event-stream" if self.streamed else "application/json",
+            "accept": "text/event-stream" if streamed else "application/json",
             "x-request-id": self.exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(timeout_s),
             **self.trace_headers,
@@ -510,7 +544,7 @@ class Relay:
         await self.writer.body(b"", more=False)
 
     async def _relay_assembled(
-        self, assembler: Assembly, events: ContentEvents, record: Attempt
+        self, assembler: Assembly, events: ContentEvents, record: Attempt, upstream: Upstream
     ) -> None:
         """Read the rest of the stream under `idle_s` (nothing is sent yet, so a stall can
         still fall over), then answer with the non-streaming body it adds up to."""
@@ -534,6 +568,8 @@ class Relay:
             )
         answer = assembler.result()
         exchange.usage = self._usage(answer)
+        if "usage" not in answer:
+            _warn_no_usage(upstream)
         await self._answer_whole("application/json", jsonbody.dumps(answer))
 
     async def _answer_failure(self, failure: GatewayError) -> None:
@@ -579,6 +615,18 @@ class _Race:
                     scope.cancel()
             self.settled.set()
         return self.winner == target
+
+
+def _warn_no_usage(upstream: Upstream) -> None:
+    """Once per upstream: its streams carry no usage, so neither do the answers assembled."""
+    if not upstream.usage_unreported:
+        upstream.usage_unreported = True
+        logging.getLogger("gateway").warning(
+            "upstream=%s sends no usage in its streams (it ignores "
+            "stream_options.include_usage): non-streaming answers assembled from them have no "
+            "usage; set upstream_stream: false on its routes to get the upstream's own",
+            upstream.name,
+        )
 
 
 def _retry_after(failure: GatewayError | None) -> float | None:

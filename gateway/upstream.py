@@ -100,6 +100,7 @@ class Upstream:
         self.name = config.name
         self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
         self.outlier = OutlierDetector(config.outlier)
+        self.usage_unreported = False  # its streams had no usage: logged once (gateway.relay)
         self._base = config.base_url.rstrip("/") + "/"
         auth: dict[str, str] = {}
         if config.api_key and config.kind == "anthropic":

@@ -23,7 +23,8 @@ class ContentEvents:
     (translated if a translator is given); SSE comments dropped.
 
     Events are parsed until the first token (garbage is a 502; a role-only chunk, a `ping` or
-    `response.created` is not a token, and an error event is the attempt's failure). After it,
+    `response.created` is not a token, and an error event is the attempt's failure, as it is
+    anywhere in a stream being assembled). After it,
     OpenAI streams are relayed as they came, unparsed, unless an assembler needs them; streams
     with a last event of their own (Messages, Responses) stay parsed, to see it and the
     keep-alives that must not count as content.
@@ -116,8 +117,8 @@ class ContentEvents:
                 self.ended = self.done = True
                 break
             if (failure := rules.failure(parsed)) is not None:
-                if not self.token_seen:
-                    raise failure
+                if not self.token_seen or self._assembler is not None:
+                    raise failure  # an assembled answer is that error, as the plain one is
                 self.ended = self.done = True  # passed on as it came: the stream's last words
                 break
             if self._assembler is not None:

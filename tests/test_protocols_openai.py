@@ -47,7 +47,7 @@ def test_completions_with_best_of_cannot_be_streamed() -> None:
 def test_chat_text_usage_and_finish() -> None:
     assembler = Assembler("chat")
     for event in [
-        chunk({"role": "assistant", "content": ""}),
+        chunk({"role": "assistant", "content": "", "refusal": None}),  # as OpenAI sends it
         chunk({"content": "Hel"}, logprobs={"content": [{"token": "Hel"}]}),
         chunk({"content": "lo"}, logprobs={"content": [{"token": "lo"}]}),
         chunk({}, finish_reason="stop"),
@@ -69,6 +69,46 @@ def test_chat_text_usage_and_finish() -> None:
             }
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+    }
+
+
+def test_usage_is_absent_not_null_when_the_stream_had_none() -> None:
+    assembler = Assembler("chat")
+    assembler.feed(chunk({"role": "assistant", "content": "hi"}, usage=None))
+    assembler.feed(chunk({}, finish_reason="stop"))
+    answer = assembler.result()
+    assert "usage" not in answer
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "hi"}  # as carried
+
+
+def test_every_key_the_chunks_carry_is_kept() -> None:
+    """llama.cpp's `timings`, vLLM's `stop_reason`, `reasoning_content` and `logprobs.refusal`:
+    kept generically, strings of a delta joined, other values as last carried (not null)."""
+    assembler = Assembler("chat")
+    token = {"content": [{"token": "a", "logprob": -0.1}], "refusal": None}
+    for event in [
+        chunk({"role": "assistant", "content": "", "reasoning_content": None}, stop_reason=None),
+        chunk({"content": "a", "reasoning_content": "why ", "x_meta": {"k": 1}}, logprobs=token),
+        chunk({"reasoning_content": "so"}, stop_reason=None),
+        chunk({}, finish_reason="stop", stop_reason=7) | {"timings": {"ms": 3}, "obfuscation": "x"},
+    ]:
+        assembler.feed(event)
+    answer = assembler.result()
+    assert answer["timings"] == {"ms": 3}
+    assert "obfuscation" not in answer
+    assert "usage" not in answer
+    (choice,) = answer["choices"]
+    assert choice == {
+        "index": 0,
+        "message": {
+            "role": "assistant",
+            "content": "a",
+            "reasoning_content": "why so",
+            "x_meta": {"k": 1},
+        },
+        "logprobs": {"content": [{"token": "a", "logprob": -0.1}], "refusal": None},
+        "finish_reason": "stop",
+        "stop_reason": 7,
     }
 
 

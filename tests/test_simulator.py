@@ -96,6 +96,15 @@ def test_error_after() -> None:
     assert parse_faults({"x-sim-error-after": "3"}, "sim") == Faults(error_after_tokens=3)
 
 
+def test_server_likeness_knobs() -> None:
+    faults = parse_faults(
+        {"x-sim-error-body": "flat"}, "sim@include-usage=ignore,extra-keys=true,context-limit=9"
+    )
+    assert faults == Faults(
+        ignore_include_usage=True, extra_keys=True, context_limit=9, error_body="flat"
+    )
+
+
 def test_at_sign_without_knobs_is_part_of_the_model() -> None:
     assert parse_faults({}, "team@model") == Faults()
 
@@ -111,6 +120,10 @@ def test_at_sign_without_knobs_is_part_of_the_model() -> None:
         ({}, "sim@reset=after-x", "reset"),
         ({}, "sim@malformed=xml", "malformed"),
         ({}, "sim@error-after=soon", "error-after"),
+        ({}, "sim@include-usage=yes", "include-usage"),
+        ({}, "sim@extra-keys=1", "extra-keys"),
+        ({}, "sim@context-limit=-3", "context-limit"),
+        ({}, "sim@error-body=html", "error-body"),
         ({}, "sim@tokens=3,gap-ms", "gap-ms"),
         ({"x-sim-colour": "red"}, "sim", "colour"),
     ],

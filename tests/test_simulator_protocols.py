@@ -644,14 +644,17 @@ async def test_error_after_every_token(http: httpx2.AsyncClient, api: str) -> No
 
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.anyio
-async def test_error_after_is_ignored_when_not_streaming(
+async def test_error_after_is_an_error_status_when_not_streaming(
     http: httpx2.AsyncClient, api: str
 ) -> None:
+    """What fails mid-stream fails a whole answer too: the API's error status and shape."""
     wire = APIS[api]
     body = wire.body | {"model": "sim@error-after=1,tokens=3"}
     response = await http.post(wire.path, json=body, headers=wire.headers)
-    assert response.status_code == 200
-    assert "tok0 tok1 tok2 " in response.text
+    assert response.status_code == (529 if api == "messages" else 500)
+    error = response.json()["error"]
+    assert error["type"] == ("overloaded_error" if api == "messages" else "server_error")
+    assert error["message"] == OVERLOAD
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -15,9 +15,13 @@ Answers are shaped like the real APIs', so the `openai` and `anthropic` SDKs par
 `{"call": i, "words": "tok0 tok1 ..."}`, streamed in `tokens` pieces. Bad input is a 400 in the
 API's own error shape. Per API:
 
-- Chat and completions: a stream is `data:` chunks, OpenAI's role-only chunk first (chat), then a
-  `finish_reason: "stop"` chunk, the usage chunk if `stream_options.include_usage` is set, and
-  `data: [DONE]`. Embeddings are deterministic 8-dimensional vectors (`encoding_format` float
+- Chat and completions: a stream is `data:` chunks, OpenAI's role-only chunk first (chat:
+  `{"role": "assistant", "content": "", "refusal": null}`), then a `finish_reason: "stop"`
+  chunk, the usage chunk if `stream_options.include_usage` is set, and `data: [DONE]`. `n`
+  gives that many choices alike (one chunk per choice); `logprobs` (chat: `true`, with
+  `"refusal": null` as OpenAI's; completions: an integer) gives every token -0.5; completions'
+  `echo: true` puts the prompt (a string) before the text, not streaming only, as a stream
+  cannot carry it. Embeddings are deterministic 8-dimensional vectors (`encoding_format` float
   or base64).
 - Responses: `model` and `input` (a string or a non-empty list of items) are required. The answer
   is a Response object with one `message` item, or one `function_call` item per tool call
@@ -74,10 +78,27 @@ An unknown knob or a bad value is a 400 naming the knob. The knobs work alike on
                   whose first event is `data: {not json}` (responses: `event: response.created`,
                   messages: `event: message_start` before it); each is ignored in the other mode
     error-after   streaming: send the preamble and N tokens, then the API's in-stream error
-                  event, and end the stream cleanly (not streaming: ignored). Chat and
-                  completions: `data: {"error": {..., "type": "server_error", "code":
-                  "sim_error"}}` and no [DONE]; responses: `event: error` with code
-                  `server_error`; messages: `event: error` with an `overloaded_error`
+                  event, and end the stream cleanly. Chat and completions: `data: {"error":
+                  {..., "type": "server_error", "code": "sim_error"}}` and no [DONE];
+                  responses: `event: error` with code `server_error`; messages: `event:
+                  error` with an `overloaded_error`. Not streaming, the answer is that error:
+                  500 in the API's shape (messages: 529 `overloaded_error`)
+    error-body    how `status` and `error-after` errors look: `flat`, vLLM's flat `{"object":
+                  "error", "message": ..., "type": "InternalServerError", "param": null,
+                  "code": <status>}` (chat and completions' in-stream error too); `text`, a
+                  plain-text reason phrase (`Internal Server Error`), as a crashed server or a
+                  proxy answers (error statuses only)
+    include-usage `ignore`: chat and completions streams carry no usage even when
+                  `stream_options.include_usage` asks, as llama.cpp's
+    extra-keys    `true`: chat and completions carry the keys llama.cpp and vLLM add to
+                  OpenAI's: `timings` at the top (the last chunk; the whole answer),
+                  `stop_reason` on each choice (null until the finish chunk, then 2), and
+                  (chat text) `reasoning_content`, a `why ` per token
+    context-limit chat and completions: a prompt of more tokens than this (words of its
+                  strings) is refused as llama.cpp refuses one past its context: not
+                  streaming, 400 `context_length_exceeded` (OpenAI's envelope); streaming, 200
+                  and only an SSE `error:` line with that envelope, which SSE readers ignore:
+                  an empty stream
     close         `true`: answer with `Connection: close`, so the server closes the connection
                   after the response (the client must not reuse it)
     reset         `after-headers`: send the 200 headers, then drop the connection; `after-N`:

@@ -32,6 +32,12 @@ def sse_event(name: str, content: object) -> bytes:
     return f"event: {name}\n".encode() + sse_data(content)
 
 
+def flat_error(status: int, message: str) -> dict[str, Any]:
+    """vLLM's error body: flat, typed by exception class, the status as its code."""
+    kind = "InternalServerError" if status >= 500 else "BadRequestError"
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": status}
+
+
 def typed_event(type_: str, **fields: object) -> bytes:
     """An `event: <type>` event whose data names its type too, as Anthropic and Responses do."""
     return sse_event(type_, {"type": type_, **fields})
@@ -63,6 +69,10 @@ class Answer(ABC):
     def body(self) -> object:
         """The non-streaming answer, as JSON."""
 
+    def refusal(self) -> object | None:
+        """The 400 body of a request refused once read (a prompt past `context-limit`)."""
+        return None
+
     def generation_ms(self) -> int:
         """How long the model server takes to generate all of it (before it sends any)."""
         return 0
@@ -76,6 +86,7 @@ class StreamedAnswer(Answer):
     """
 
     keepalive: ClassVar[bytes] = SSE_KEEPALIVE
+    error_status: ClassVar[int] = 500  # not streaming, `error-after` answers this status
     malformed: ClassVar[bytes] = b"data: {not json}\n\n"
 
     def __init__(self, model: str, faults: Faults, *, stream: bool, parts: list[Part]) -> None:

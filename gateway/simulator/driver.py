@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
+import http
 import json
 from dataclasses import dataclass
 
 import anyio
 from starlette.types import Send
 
-from gateway.simulator.answer import Answer, Api, StreamedAnswer
+from gateway.simulator.answer import ERROR_AFTER_MESSAGE, Answer, Api, StreamedAnswer, flat_error
 from gateway.simulator.asgi import JSON_TYPE, ResetConnection, send_json, send_part
 from gateway.simulator.faults import HANG_LIMIT_MS, Faults
 
+_KNOWN = frozenset(http.HTTPStatus)
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
 async def produce(send: Send, api: Api, answer: Answer, faults: Faults) -> None:
-    """Answer after `latency-ms`: the `status` error, the stream, or the whole answer."""
+    """Answer after `latency-ms`: the `status` error, a refusal, the stream, or the whole
+    answer (the `error-after` error status, if one)."""
     await anyio.sleep(faults.latency_ms / 1000)
     if faults.hang_before_headers:
         await anyio.sleep(HANG_LIMIT_MS / 1000)
+    streamed = isinstance(answer, StreamedAnswer) and answer.stream
     if faults.status is not None:
-        await _send_status(send, api, faults.status, faults.retry_after)
+        message = f"simulated HTTP {faults.status} (simulator knob status)"
+        await _send_status(send, api, faults, faults.status, message)
+    elif (refusal := answer.refusal()) is not None:
+        await (_send_refused_stream(send, refusal) if streamed else send_json(send, 400, refusal))
     elif isinstance(answer, StreamedAnswer) and answer.stream:
         await _stream(_Pacer(send, faults, answer.keepalive), answer)
+    elif isinstance(answer, StreamedAnswer) and faults.error_after_tokens is not None:
+        await anyio.sleep(answer.generation_ms() / 1000)  # what failed in the stream fails here
+        await _send_status(send, api, faults, answer.error_status, ERROR_AFTER_MESSAGE)
     else:
         await anyio.sleep(answer.generation_ms() / 1000)  # generated whole before any is sent
         await _send_whole(_Pacer(send, faults, None), answer.body())
 
 
-async def _send_status(send: Send, api: Api, status: int, retry_after: str | None) -> None:
-    error = api.error(status, f"simulated HTTP {status} (simulator knob status)", "sim_error")
-    retry = [] if retry_after is None else [(b"retry-after", retry_after.encode())]
+async def _send_status(send: Send, api: Api, faults: Faults, status: int, message: str) -> None:
+    """An error status: its body in the API's shape, vLLM's flat one, or plain text."""
+    retry = [] if faults.retry_after is None else [(b"retry-after", faults.retry_after.encode())]
+    if faults.error_body == "text":  # what a crashed server or a proxy in front answers
+        text = (http.HTTPStatus(status).phrase if status in _KNOWN else "Error").encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), *retry]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": text})
+        return
+    flat = faults.error_body == "flat"
+    error = flat_error(status, message) if flat else api.error(status, message, "sim_error")
     await send_json(send, status, error, *retry)
+
+
+async def _send_refused_stream(send: Send, refusal: object) -> None:
+    """A refused request asked for a stream, as llama.cpp answers it: 200 and one SSE `error:`
+    line, which SSE readers ignore, so they see an empty stream."""
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    await send_part(send, b"error: " + json.dumps(refusal).encode() + b"\n\n")
+    await send({"type": "http.response.body", "body": b""})
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ MAX_TOKENS = 100_000
 KNOBS = frozenset(
     {"latency-ms", "ttft-ms", "gap-ms", "tokens", "tool-calls", "hang", "keepalive-ms", "status"}
     | {"retry-after", "malformed", "reset", "close", "flaky", "error-after"}
+    | {"include-usage", "extra-keys", "context-limit", "error-body"}
 )
 
 Knobs = Mapping[str, str]
@@ -42,6 +43,10 @@ class Faults:
     close: bool = False
     flaky: int | None = None
     error_after_tokens: int | None = None
+    ignore_include_usage: bool = False  # include-usage=ignore: streams never carry usage
+    extra_keys: bool = False
+    context_limit: int | None = None  # prompt tokens beyond which a request is refused
+    error_body: str | None = None  # "text" or "flat": how an error status's body is shaped
 
 
 def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
@@ -58,6 +63,12 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         raise _invalid(knobs, "malformed", "json or sse")
     if knobs.get("close") not in (None, "true", "false"):
         raise _invalid(knobs, "close", "true or false")
+    if knobs.get("include-usage") not in (None, "ignore"):
+        raise _invalid(knobs, "include-usage", "ignore")
+    if knobs.get("extra-keys") not in (None, "true", "false"):
+        raise _invalid(knobs, "extra-keys", "true or false")
+    if knobs.get("error-body") not in (None, "text", "flat"):
+        raise _invalid(knobs, "error-body", "text or flat")
     if knobs.get("retry-after") == "":
         raise _invalid(knobs, "retry-after", "a value")
     hang = knobs.get("hang")
@@ -77,6 +88,10 @@ def parse_faults(headers: Mapping[str, str], model: str) -> Faults:
         close=knobs.get("close") == "true",
         flaky=_optional_int(knobs, "flaky", high=MAX_TOKENS),
         error_after_tokens=_optional_int(knobs, "error-after", high=MAX_TOKENS),
+        ignore_include_usage=knobs.get("include-usage") == "ignore",
+        extra_keys=knobs.get("extra-keys") == "true",
+        context_limit=_optional_int(knobs, "context-limit", high=MAX_TOKENS),
+        error_body=knobs.get("error-body"),
     )
 
 

@@ -83,6 +83,7 @@ class Message(StreamedAnswer):
     message_start, then per block content_block_start, deltas and content_block_stop, then
     message_delta and message_stop."""
 
+    error_status = 529  # Anthropic's overloaded_error
     keepalive = PING
     malformed = b"event: message_start\ndata: {not json}\n\n"
 

@@ -17,6 +17,7 @@ from gateway.simulator.answer import (
     Api,
     BadRequest,
     StreamedAnswer,
+    flat_error,
     request_faults,
     sse_data,
 )
@@ -25,6 +26,9 @@ from gateway.simulator.content import Part, count_tokens, make_parts
 from gateway.simulator.faults import Faults
 
 EMBEDDING_DIMS = 8
+MAX_CHOICES = 128
+LOGPROB = -0.5  # every token's
+STOP_REASON = 2  # vLLM's stop_reason with extra-keys: the id of the token that stopped it
 # What OpenAI sends with every answer: rate limits a client acts on, and what it must not get
 # through a gateway (the organization billed, a cookie).
 _OPENAI_HEADERS = [
@@ -61,6 +65,10 @@ class CompletionsApi(OpenAIApi):
         body, model, faults = request_faults(headers, body)
         options = body.get("stream_options")
         prompt = body.get("messages" if self._chat else "prompt")
+        choices = 1 if body.get("n") is None else body["n"]
+        if type(choices) is not int or not 1 <= choices <= MAX_CHOICES:
+            raise BadRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
+        logprobs = body.get("logprobs")
         return Completion(
             model,
             faults,
@@ -68,11 +76,15 @@ class CompletionsApi(OpenAIApi):
             stream=body.get("stream") is True,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             prompt_tokens=max(1, count_tokens(prompt)),
+            choices=choices,
+            logprobs=logprobs is True if self._chat else type(logprobs) is int,
+            echo=_echoed(prompt) if not self._chat and body.get("echo") is True else "",
         )
 
 
 class Completion(StreamedAnswer):
-    """A chat or text completion: tokens (or chat tool calls) as `data:` chunks, then `[DONE]`."""
+    """A chat or text completion: tokens (or chat tool calls) as `data:` chunks, then `[DONE]`;
+    `choices` alike (`n`), with logprobs if asked, the prompt first if echoed (not streaming)."""
 
     def __init__(
         self,
@@ -83,15 +95,31 @@ class Completion(StreamedAnswer):
         stream: bool,
         include_usage: bool,
         prompt_tokens: int,
+        choices: int = 1,
+        logprobs: bool = False,
+        echo: str = "",
     ) -> None:
         parts = make_parts(faults.tokens, faults.tool_calls if chat else 0)
         super().__init__(model, faults, stream=stream, parts=parts)
-        self._chat, self._include_usage = chat, include_usage
+        self._chat, self._choices, self._logprobs = chat, choices, logprobs
+        self._include_usage = include_usage and not faults.ignore_include_usage
+        self._echo = "" if stream else echo  # a stream does not echo: what a gateway must see
         self._id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self._created = int(time.time())
         self._usage = {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens}
         self._usage["total_tokens"] = prompt_tokens + self.tokens
         self._finish = "tool_calls" if parts[0].is_call else "stop"
+
+    def refusal(self) -> object | None:
+        limit, tokens = self.faults.context_limit, self._usage["prompt_tokens"]
+        if limit is None or tokens <= limit:
+            return None
+        what = "messages" if self._chat else "prompt"
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, your {what} "
+            f"resulted in {tokens} tokens. Please reduce the length of the {what}."
+        )
+        return openai_error(message, "invalid_request_error", "context_length_exceeded", what)
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         chat = "chat.completion.chunk" if chunk else "chat.completion"
@@ -100,28 +128,46 @@ class Completion(StreamedAnswer):
         return head | {"system_fingerprint": None}
 
     def body(self) -> object:
+        part = self.parts[0]
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": self._finish}
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
         if not self._chat:
-            choice["text"] = self.parts[0].text
-        elif self.parts[0].is_call:
+            choice["text"] = self._echo + part.text
+        elif part.is_call:
             choice["message"] = message | {"tool_calls": [_tool_call(p) for p in self.parts]}
         else:
-            choice["message"] = message | {"content": self.parts[0].text}
-        return self._envelope(chunk=False) | {"choices": [choice], "usage": self._usage}
+            choice["message"] = message | {"content": part.text}
+        if self._logprobs and not part.is_call and part.pieces:
+            pieces = [self._logprob(part, n) for n in range(len(part.pieces))]
+            logprobs = {key: [v for p in pieces for v in p[key]] for key in pieces[0]}
+            choice["logprobs"] = logprobs | ({"refusal": None} if self._chat else {})
+        body = self._envelope(chunk=False) | {"usage": self._usage}
+        if self.faults.extra_keys:  # llama.cpp's timings, vLLM's stop_reason, a reasoning
+            body["timings"] = self._timings()
+            choice["stop_reason"] = STOP_REASON
+            if self._chat and not part.is_call:
+                choice["message"]["reasoning_content"] = "".join(map(_reasoning, part.pieces))
+        return body | {"choices": [choice | {"index": i} for i in range(self._choices)]}
 
     def head(self) -> list[bytes]:
         """What OpenAI's chat sends first, at once: a role and no content (not a token)."""
         if not self._chat:
             return []
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        return [sse_data(self._envelope(chunk=True) | {"choices": [choice]})]
+        delta = {"role": "assistant", "content": "", "refusal": None}
+        return [self._chunk(delta, None, None)]
 
     def delta(self, part: Part, n: int) -> bytes:
-        return self._chunk(_piece(part, n, chat=self._chat), None)
+        piece = _piece(part, n, chat=self._chat)
+        if self.faults.extra_keys and self._chat and not part.is_call:
+            piece["reasoning_content"] = _reasoning(part.pieces[n])
+        logprobs: dict[str, Any] | None = None
+        if self._logprobs and not part.is_call:
+            logprobs = self._logprob(part, n) | ({"refusal": None} if self._chat else {})
+        return self._chunk(piece, None, logprobs)
 
     def tail(self) -> list[bytes]:
-        final = [self._chunk({}, self._finish)]
+        top = {"timings": self._timings()} if self.faults.extra_keys else {}
+        final = [self._chunk({}, self._finish, None, top)]
         if self._include_usage:
             final.append(
                 sse_data(self._envelope(chunk=True) | {"choices": [], "usage": self._usage})
@@ -129,15 +175,57 @@ class Completion(StreamedAnswer):
         return [*final, b"data: [DONE]\n\n"]
 
     def error(self) -> bytes:
+        if self.faults.error_body == "flat":
+            return sse_data(flat_error(500, ERROR_AFTER_MESSAGE))
         return sse_data(openai_error(ERROR_AFTER_MESSAGE, "server_error", "sim_error"))
 
-    def _chunk(self, piece: dict[str, Any], finish: str | None) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    def _chunk(
+        self,
+        piece: dict[str, Any],
+        finish: str | None,
+        logprobs: dict[str, Any] | None,
+        top: dict[str, Any] | None = None,
+    ) -> bytes:
+        """One event per choice (`n`), all alike but for the index."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
         if self._chat:
             choice["delta"] = piece
         else:
             choice["text"] = piece.get("text", "")
-        return sse_data(self._envelope(chunk=True) | {"choices": [choice]})
+        if self.faults.extra_keys:
+            choice["stop_reason"] = None if finish is None else STOP_REASON
+        envelope = self._envelope(chunk=True) | (top or {})
+        return b"".join(
+            sse_data(envelope | {"choices": [choice | {"index": i}]}) for i in range(self._choices)
+        )
+
+    def _logprob(self, part: Part, n: int) -> dict[str, list[Any]]:
+        """The logprobs of piece `n`, in chat's shape or completions' (one token each)."""
+        token = part.pieces[n]
+        if self._chat:
+            entry = {"token": token, "logprob": LOGPROB, "bytes": list(token.encode())}
+            return {"content": [entry | {"top_logprobs": []}]}
+        offset = len(self._echo) + sum(map(len, part.pieces[:n]))
+        return {
+            "tokens": [token],
+            "token_logprobs": [LOGPROB],
+            "top_logprobs": [{token: LOGPROB}],
+            "text_offset": [offset],
+        }
+
+    def _timings(self) -> dict[str, int]:
+        return {"prompt_n": self._usage["prompt_tokens"], "predicted_n": self.tokens}
+
+
+def _echoed(prompt: object) -> str:
+    """The prompt a completion echoes: a string, or a list of one."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _reasoning(token: str) -> str:
+    return "why " if token else ""
 
 
 def _tool_call(part: Part) -> dict[str, Any]:
