@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,15 @@ from starlette.routing import Route
 
 from gateway import cli, lifecycle
 from gateway.app import create_app
-from gateway.config import Config, parse_config
+from gateway.config import parse_config
 from gateway.testing import wait_until_ready
 from tests.conftest import Simulator
-from tests.test_deploy import dockerfile_stages, exec_form, free_port
+from tests.test_deploy import dockerfile_stages, exec_form, free_port, loadable
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 CHECKSUM_SCRIPT = KUBERNETES / "config_checksum.py"
 OPT_IN = {"servicemonitor.yaml"}  # not in the default set: needs the Prometheus Operator
-# The `shared` section as issue 16 defines it.
-SHARED_KEYS = {
-    "redis_url",
-    "key_prefix",
-    "timeout_s",
-    "lease_ttl_s",
-    "on_failure",
-    "expected_replicas",
-}
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 
 
@@ -82,17 +72,6 @@ def gateway_container() -> dict[str, Any]:
 def configmap_gateway_yaml() -> str:
     text: str = resource("ConfigMap")["data"]["gateway.yaml"]
     return text
-
-
-def loadable(data: dict[str, Any]) -> dict[str, Any]:
-    """The config as the loader of this branch can read it: the `shared` section (issue 16)
-    is checked by its keys here, and dropped while `Config` has no field for it."""
-    if "shared" in {field.name for field in fields(Config)}:
-        return data
-    data = dict(data)
-    shared = data.pop("shared")
-    assert set(shared) == SHARED_KEYS
-    return data
 
 
 def image_cmd() -> list[str]:
