@@ -34,7 +34,13 @@ from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.testing import wait_until_ready
 from tests.conftest import Simulator
-from tests.test_deploy import dockerfile_stages, exec_form, free_port, loadable
+from tests.test_deploy import (
+    dockerfile_stages,
+    exec_form,
+    free_port,
+    loadable,
+    without_shared,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -210,11 +216,7 @@ def test_every_key_the_config_reads_comes_from_the_secret() -> None:
     for item in env.values():
         reference = item["valueFrom"]["secretKeyRef"]
         assert reference == {"name": "llm-gateway-keys", "key": item["name"]}
-    readme = (KUBERNETES / "README.md").read_text()
-    command = readme[readme.index("kubectl create secret generic llm-gateway-keys") :]
-    command = command[: command.index("\n\n")]
-    for name in variables:
-        assert f"--from-literal={name}=" in command, f"the README's secret lacks {name}"
+    assert set(secret_literals()) == variables, "the README's secret is not the config's"
 
 
 # --- The manifests against the code
@@ -223,8 +225,8 @@ def test_every_key_the_config_reads_comes_from_the_secret() -> None:
 def route_paths() -> set[str]:
     """The GET paths of the gateway the ConfigMap's config makes (what probes and scrapes
     can ask for)."""
-    config = parse_config(loadable(yaml.safe_load(configmap_gateway_yaml())), env=fake_secrets())
-    routes = create_app(config).starlette.routes
+    data = without_shared(yaml.safe_load(configmap_gateway_yaml()))  # routes do not depend on it
+    routes = create_app(parse_config(data, env=fake_secrets())).starlette.routes
     return {r.path for r in routes if isinstance(r, Route) and "GET" in (r.methods or ())}
 
 
@@ -317,15 +319,26 @@ def test_redis_is_single_non_root_and_keeps_nothing() -> None:
     service = resource("Service", redis["serviceName"])
     (port,) = service["spec"]["ports"]
     assert port["port"] == container["ports"][0]["containerPort"] == 6379
-    secret_line = (KUBERNETES / "README.md").read_text()
-    assert f"REDIS_URL=redis://{service['metadata']['name']}:{port['port']}/0" in secret_line
+    assert secret_literals()["REDIS_URL"] == f"redis://{service['metadata']['name']}:6379/0"
 
 
 # --- The ConfigMap
 
 
+def secret_literals() -> dict[str, str]:
+    """The values of the README's `kubectl create secret` line, as written."""
+    readme = (KUBERNETES / "README.md").read_text()
+    command = readme[readme.index("kubectl create secret generic llm-gateway-keys") :]
+    command = command[: command.index("\n\n")]
+    return dict(re.findall(r"--from-literal=(\w+)=(\S+)", command))
+
+
 def fake_secrets() -> dict[str, str]:
-    return {name: f"test-{name.lower()}" for name in _VARIABLE.findall(configmap_gateway_yaml())}
+    """The Secret as the README creates it, a test value where it reads a shell variable."""
+    return {
+        name: f"test-{name.lower()}" if value.startswith('"$') else value
+        for name, value in secret_literals().items()
+    }
 
 
 def test_the_configmaps_gateway_yaml_loads_with_the_real_loader() -> None:
@@ -407,7 +420,7 @@ def test_the_pods_command_drains_a_stream_within_the_pods_grace(
     with its upstream on the simulator): both probes pass; SIGTERM mid-stream makes readiness
     fail while liveness still passes (the kubelet must not restart a draining pod), the stream
     finishes, and the process exits well inside terminationGracePeriodSeconds - preStop."""
-    data = loadable(yaml.safe_load(configmap_gateway_yaml()))
+    data = without_shared(yaml.safe_load(configmap_gateway_yaml()))  # no Redis: the pod's drain
     data["upstreams"][0]["base_url"] = simulator.base_url
     data["routes"][0]["targets"][0]["model"] = "sim@tokens=30,gap-ms=100"  # a 3 s stream
     config_path = tmp_path / "gateway.yaml"
