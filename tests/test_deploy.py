@@ -1,6 +1,7 @@
 """Deployment files: the Grafana dashboard and provisioning, the Prometheus config and alert rules
 (checked and unit-tested with Debian's promtool), the compose stack's wiring, its gateway config,
-and the Dockerfile's install steps run without docker.
+its scale-out profile (the nginx config checked with `nginx -t` and run in front of three real
+gateways), and the Dockerfile's install steps run without docker.
 
 `promql_expressions()` is the list of every PromQL expression of the dashboard and the alert
 rules, Grafana variables substituted, for tests that evaluate them against a real Prometheus.
@@ -17,13 +18,22 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from gateway.config import Config, parse_config
+from gateway.testing import wait_until_ready
+from tests.conftest import Simulator
+from tests.test_cli import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "llm-gateway.json"
@@ -38,6 +48,19 @@ GATEWAY_CONFIG = ROOT / "deploy" / "gateway.yaml"
 LOADGEN = ROOT / "deploy" / "loadgen.py"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+SCALE_OUT_CONFIG = ROOT / "deploy" / "gateway-scale-out.yaml"
+NGINX_SCALE_OUT = ROOT / "deploy" / "nginx-scale-out.conf"
+SCALE_OUT = {"gateway-1", "gateway-2", "gateway-3", "redis", "balancer"}  # profile scale-out
+SCALE_OUT_GATEWAYS = ["gateway-1", "gateway-2", "gateway-3"]
+# The `shared` section as issue 16 defines it.
+SHARED_KEYS = {
+    "redis_url",
+    "key_prefix",
+    "timeout_s",
+    "lease_ttl_s",
+    "on_failure",
+    "expected_replicas",
+}
 
 # What GET /metrics exports (README "Metrics", DESIGN.md §7), by type.
 COUNTERS = {
@@ -161,6 +184,23 @@ def run_promtool(*args: str, cwd: Path = ROOT) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"
     return output
+
+
+def without_shared(data: dict[str, Any]) -> dict[str, Any]:
+    """A config without its `shared` section (issue 16), whose keys are checked here: for a
+    gateway run with no Redis, and for a loader that does not know the section yet."""
+    data = dict(data)
+    shared = data.pop("shared")
+    assert set(shared) == SHARED_KEYS
+    return data
+
+
+def loadable(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as the real loader of this branch can check it: whole once `Config` has a
+    `shared` field, without that section before."""
+    if "shared" in {field.name for field in fields(Config)}:
+        return data
+    return without_shared(data)
 
 
 def compose() -> dict[str, Any]:
@@ -554,3 +594,234 @@ def test_dockerfile_install_steps_work_without_docker(tmp_path: Path) -> None:
     # and the check fails when nothing answers
     check = subprocess.run(healthcheck, env=env, capture_output=True, timeout=10)
     assert check.returncode != 0
+
+
+# --- The compose stack's scale-out profile: three gateways, Redis, nginx in front
+
+
+def nginx() -> str:
+    """Debian's nginx: the tests fail, not skip, without it."""
+    path = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if path is None:
+        pytest.fail("nginx not found: install it (Debian: apt-get install nginx-light)")
+    return path
+
+
+def nginx_command(prefix: Path, config: Path, directives: str = "") -> list[str]:
+    """nginx with this config, its prefix, pid file and error log in a test's directory, and
+    these global directives (what the nginx image's command adds: `daemon off;`)."""
+    pid = f"pid {prefix / 'nginx.pid'};"
+    return [nginx(), "-p", str(prefix), "-c", str(config), "-e", "stderr", "-g", pid + directives]
+
+
+def scale_out_config() -> dict[str, Any]:
+    data: dict[str, Any] = load_yaml(SCALE_OUT_CONFIG)
+    return data
+
+
+def nginx_upstream_servers(text: str) -> list[str]:
+    block = re.search(r"upstream gateways \{(.*?)\}", text, re.DOTALL)
+    assert block is not None
+    return re.findall(r"^\s*server\s+(\S+?)[\s;]", block[1], re.MULTILINE)
+
+
+def nginx_directive(text: str, name: str) -> str:
+    (value,) = re.findall(rf"^\s*{name}\s+([^;]+);", text, re.MULTILINE)
+    return str(value)
+
+
+def nginx_seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)?", value)
+    assert match is not None, value
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def local_nginx_config(upstreams: list[str], listen: int) -> str:
+    """The balancer's config with the compose service names replaced (nginx resolves them at
+    start, and nothing resolves them here) and its port moved."""
+    text = NGINX_SCALE_OUT.read_text()
+    for service, address in zip(SCALE_OUT_GATEWAYS, upstreams, strict=True):
+        text = text.replace(f"server {service}:8080 ", f"server {address} ")
+    assert nginx_upstream_servers(text) == upstreams
+    return text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+
+
+def test_every_file_compose_mounts_exists() -> None:
+    for name in compose()["services"]:
+        for target, source in mounts(name).items():
+            assert source.exists(), f"{name} mounts {source} at {target}: no such file"
+
+
+def test_scale_out_profile_wiring() -> None:
+    services = compose()["services"]
+    profiled = {name for name, service in services.items() if "profiles" in service}
+    assert profiled == SCALE_OUT, "a plain `up` must start what it started before"
+    for name in SCALE_OUT:
+        assert services[name]["profiles"] == ["scale-out"]
+    cmd = exec_form(dict(dockerfile_stages()[-1])["CMD"])
+    port = cmd[cmd.index("--port") + 1]
+
+    # three gateways of the image, the scale-out config where the CMD reads it, not published
+    for name in SCALE_OUT_GATEWAYS:
+        gateway = services[name]
+        assert (gateway["build"], gateway["image"]) == (
+            services["gateway"]["build"],
+            services["gateway"]["image"],
+        )
+        assert mounts(name)[cmd[cmd.index("--config") + 1]] == SCALE_OUT_CONFIG
+        assert "ports" not in gateway
+        assert gateway["expose"] == [port]
+        for dependency in ("simulator", "redis"):
+            assert gateway["depends_on"][dependency] == {"condition": "service_healthy"}
+
+    # their config points at the simulator and redis services, and counts three replicas
+    config = scale_out_config()
+    simulator = services["simulator"]["command"]
+    (upstream,) = config["upstreams"]
+    sim_port = simulator[simulator.index("--port") + 1]
+    assert upstream["base_url"] == f"http://simulator:{sim_port}/v1"
+    redis_url = urllib.parse.urlsplit(config["shared"]["redis_url"])
+    assert redis_url.hostname == "redis"
+    assert str(redis_url.port) in services["redis"]["expose"]
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert config["shared"]["expected_replicas"] == len(SCALE_OUT_GATEWAYS)
+
+    # nginx: its config mounted as the image's main config, in front of the three
+    balancer = services["balancer"]
+    assert str(balancer["image"]).startswith("nginx:")
+    assert mounts("balancer")["/etc/nginx/nginx.conf"] == NGINX_SCALE_OUT
+    text = NGINX_SCALE_OUT.read_text()
+    assert nginx_upstream_servers(text) == [f"{name}:{port}" for name in SCALE_OUT_GATEWAYS]
+    assert balancer["ports"] == [f"8090:{nginx_directive(text, 'listen')}"]
+    for name in SCALE_OUT_GATEWAYS:
+        assert balancer["depends_on"][name] == {"condition": "service_healthy"}
+
+
+def test_scale_out_gateway_config_loads_and_fits_the_balancer() -> None:
+    assert "${" not in SCALE_OUT_CONFIG.read_text(), "the compose config needs no environment"
+    config = parse_config(loadable(scale_out_config()), env={})
+    assert {route.model for route in config.routes} == {"demo", "demo-slow"}
+    text = NGINX_SCALE_OUT.read_text()
+    # nginx drops an idle connection to a gateway before the gateway does
+    assert nginx_seconds(nginx_directive(text, "keepalive_timeout")) < config.server.keepalive_s
+    # nginx's own idle limits never end a request the gateway may still answer
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert nginx_seconds(nginx_directive(text, directive)) >= config.server.deadline.max_s
+    body = nginx_directive(text, "client_max_body_size")
+    assert body == f"{config.server.max_body_bytes // (1024 * 1024)}m"
+    assert nginx_directive(text, "proxy_buffering") == "off"
+    assert nginx_directive(text, "worker_processes") == "1"  # least_conn sees every request
+
+
+def test_nginx_scale_out_config_passes_nginx_t(tmp_path: Path) -> None:
+    config = tmp_path / "nginx.conf"
+    config.write_text(local_nginx_config(["127.0.0.1:8080"] * 3, free_port()))
+    result = subprocess.run(
+        [*nginx_command(tmp_path, config), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def _stream(url: str, model: str, result: dict[str, Any]) -> None:
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=30) as response:
+        result["status"] = response.status
+        lines = []
+        for line in response:
+            if line.startswith(b"data:") and "first_s" not in result:
+                result["first_s"] = time.monotonic() - started
+            lines.append(line.decode())
+    result["total_s"] = time.monotonic() - started
+    result["body"] = "".join(lines)
+
+
+@pytest.mark.timeout(120)
+def test_nginx_spreads_streams_over_three_real_gateways(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    """nginx with the scale-out config in front of three `llm-gateway serve` processes (the
+    profile's config, its upstream on the simulator, its `shared` section left out until the
+    loader has it): six concurrent 2 s streams end two on each gateway (least_conn); tokens flow
+    through as they come, not at the end; a client that hangs up cancels its upstream request."""
+    data = without_shared(scale_out_config())  # no Redis here: the balancing is the point
+    data["upstreams"][0]["base_url"] = simulator.base_url
+    data["upstreams"][0]["max_connections"] = 8  # the cap is per process without `shared`
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(data))
+    listen = free_port()
+    url = f"http://127.0.0.1:{listen}"
+    with ExitStack() as stack:
+        gateways = [
+            stack.enter_context(serving(["--config", str(config)], cwd=tmp_path))
+            for _ in SCALE_OUT_GATEWAYS
+        ]
+        addresses = [gateway.url.removeprefix("http://") for gateway in gateways]
+        nginx_config = tmp_path / "nginx.conf"
+        nginx_config.write_text(local_nginx_config(addresses, listen))
+        log = stack.enter_context((tmp_path / "nginx.log").open("w"))
+        balancer = subprocess.Popen(
+            nginx_command(tmp_path, nginx_config, "daemon off;"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        stack.callback(balancer.wait, 10)
+        stack.callback(balancer.terminate)
+        assert wait_until_ready(f"{url}/readyz", balancer), (tmp_path / "nginx.log").read_text()
+
+        # Two long streams, one short answer, four long streams: least_conn ends with two on
+        # each gateway where round robin would put three on one and one on another.
+        results: list[dict[str, Any]] = [{} for _ in range(6)]
+        streams = [
+            threading.Thread(target=_stream, args=(url, "demo-slow", result), daemon=True)
+            for result in results
+        ]
+        for stream in streams[:2]:
+            stream.start()
+        simulator.wait_for(lambda stats: stats["open"] == 2, within_s=10)
+        short: dict[str, Any] = {}
+        _stream(url, "demo", short)
+        assert short["status"] == 200
+        for stream in streams[2:]:
+            stream.start()
+        simulator.wait_for(lambda stats: stats["open"] == 6, within_s=10)
+        inflight = []
+        for gateway in gateways:
+            with urllib.request.urlopen(f"{gateway.url}/debug/inflight", timeout=5) as answer:
+                inflight.append(len(json.load(answer)["inflight"]))
+        assert inflight == [2, 2, 2]
+        for stream in streams:
+            stream.join(timeout=30)
+        for result in results:
+            assert result["status"] == 200
+            assert result["body"].rstrip().endswith("data: [DONE]")
+            # 20 tokens 100 ms apart: the first is through long before the last
+            assert result["first_s"] < result["total_s"] - 1.0, result
+
+        # a client hanging up mid-stream reaches the gateway, which cancels upstream
+        before = simulator.stats()["cancelled"]
+        body = {
+            "model": "demo-slow",
+            "stream": True,
+            "messages": [{"role": "user", "content": "x"}],
+        }
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.readline().startswith(b"data:")
+        simulator.wait_for(lambda stats: stats["cancelled"] == before + 1, within_s=5)
