@@ -18,11 +18,15 @@ _DEMO_ROUTES: dict[str, tuple[str, dict[str, float]]] = {
 
 
 def demo_config(base_url: str) -> Config:
-    """The demo config, its simulator upstream at `base_url` (e.g. http://127.0.0.1:8080/sim-upstream/v1)."""
+    """The demo config, its simulator upstream at `base_url` (e.g. http://127.0.0.1:8080/sim-upstream/v1).
+
+    Ejection is kept per upstream entry, so each faulty model has an entry of its own
+    (`simulator-stall`, ...): walking the table ejects only the faulty ones, never `demo`'s.
+    """
     routes: list[dict[str, Any]] = [
         {
             "model": model,
-            "targets": [{"upstream": "simulator", "model": f"sim@{behaviour}"}],
+            "targets": [{"upstream": _upstream_of(model), "model": f"sim@{behaviour}"}],
             "budget": {"total_s": 30, **budget},
         }
         for model, (behaviour, budget) in _DEMO_ROUTES.items()
@@ -31,7 +35,7 @@ def demo_config(base_url: str) -> Config:
         {
             "model": "demo-fallback",
             "targets": [
-                {"upstream": "simulator", "model": "sim@status=502"},
+                {"upstream": "simulator-fallback", "model": "sim@status=502"},
                 {"upstream": "simulator", "model": "sim@tokens=5"},
             ],
             "budget": {"total_s": 30},
@@ -46,15 +50,24 @@ def demo_config(base_url: str) -> Config:
             "budget": {"total_s": 30},
         }
     )
-    anthropic = {"name": "simulator-anthropic", "base_url": base_url, "kind": "anthropic"}
-    data = {
-        "upstreams": [
-            {"name": "simulator", "base_url": base_url, "max_connections": 32},
-            {**anthropic, "max_connections": 32},
-        ],
-        "routes": routes,
-    }
-    return parse_config(data, env={})
+    names = [*map(_upstream_of, _DEMO_ROUTES), "simulator-fallback"]
+    upstreams: list[dict[str, Any]] = [
+        {"name": name, "base_url": base_url, "max_connections": 32} for name in names
+    ]
+    upstreams.append(
+        {
+            "name": "simulator-anthropic",
+            "base_url": base_url,
+            "kind": "anthropic",
+            "max_connections": 32,
+        }
+    )
+    return parse_config({"upstreams": upstreams, "routes": routes}, env={})
+
+
+def _upstream_of(model: str) -> str:
+    """`demo` -> `simulator`, `demo-stall` -> `simulator-stall`."""
+    return "simulator" + model.removeprefix("demo")
 
 
 def demo_models() -> list[str]:
