@@ -1,4 +1,5 @@
-"""One request's upstream exchange: attempts within the deadline, then the relay to the client.
+"""One request's upstream exchange: which attempts to make within the deadline (this module),
+each attempt run (`gateway.attempt`), its answer delivered to the client (`gateway.delivery`).
 
     with deadline scope:                       the whole request: total_s and client hints
         for each (target, try):                retry/fallback only before the commit, and only
@@ -21,49 +22,28 @@ takes a `timeout=`: phases read the request's `RequestBudget`.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiohttp
 import anyio
 
-from gateway import jsonbody
+from gateway.attempt import AttemptRunner, Race, attempt_log
 from gateway.config import Route, Target
-from gateway.deadline import clock, timeout_header_ms
-from gateway.errors import (
-    BudgetExceeded,
-    GatewayError,
-    Overloaded,
-    UpstreamFailed,
-    UpstreamStatus,
-)
-from gateway.inflight import Attempt, Exchange
-from gateway.protocols.api import Api, Assembly, Translation
+from gateway.deadline import clock
+from gateway.delivery import Delivery
+from gateway.errors import BudgetExceeded, GatewayError, Overloaded, UpstreamStatus
+from gateway.inflight import Exchange
+from gateway.protocols.api import Api
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.resilience.outlier import Standing, passed_over
 from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition
-from gateway.sse import Event
-from gateway.upstream import (
-    UPSTREAM_ERRORS,
-    Upstream,
-    map_transport_error,
-    mask_secrets,
-    passed_headers,
-)
-from gateway.upstream_reader import (
-    ContentEvents,
-    IdleWatchdog,
-    read_limited,
-    read_whole,
-)
+from gateway.upstream import Upstream
 
-attempt_log = logging.getLogger("gateway.attempt")  # one line per failed or skipped attempt
 _RNG = random.Random()  # backoff jitter
 
 _GRACE_S = 1.0  # for the last words to a client after the budget is spent
@@ -89,31 +69,21 @@ class Relay:
         self.exchange = exchange
         self.route = route
         self.state = state
-        self.api = api
         self.targets = targets  # the route's targets whose upstreams can serve `api`
-        self.body = body  # as the client sent it: forwarded with only `model` swapped
-        self.payload = payload
         self.upstreams = upstreams
-        self.writer = writer
-        self.headers = headers  # sent on every response: X-Request-Id
-        self.trace_headers = trace_headers  # the client's W3C trace context, for the upstream
-        self.client_headers = client_headers  # forwarded: only what an allowlist names
-        self._passed: dict[str, str] = {}  # the answering upstream's rate-limit headers
-        rules = api.stream
-        # Assemble: the client wants a whole answer, the upstream is asked for a stream.
-        self.assemble = (
-            rules is not None
-            and not exchange.stream
-            and route.upstream_stream
-            and rules.streamable(payload)
+        self.delivery = Delivery(exchange=exchange, api=api, writer=writer, headers=headers)
+        self.attempts = AttemptRunner(
+            exchange=exchange,
+            route=route,
+            api=api,
+            state=state,
+            body=body,
+            payload=payload,
+            delivery=self.delivery,
+            trace_headers=trace_headers,
+            client_headers=client_headers,
         )
-        # The upstream's answer is read as a stream (guarded by ttft_s and idle_s), or whole.
-        self.streamed = rules is not None and (exchange.stream or self.assemble)
-        options = payload.get("stream_options")
-        # Usage goes in a translated stream if asked for, and always in an assembled answer.
-        self.include_usage = self.assemble or (
-            isinstance(options, dict) and options.get("include_usage") is True
-        )
+        self.streamed = self.attempts.streamed
         self._tried: set[tuple[Target, int]] = set()  # (target, try) made by a hedge
 
     async def run(self) -> GatewayError | None:
@@ -144,7 +114,7 @@ class Relay:
         if failure is not None:
             with anyio.move_on_after(_GRACE_S) as grace:
                 exchange.scope = grace
-                await self._answer_failure(failure)
+                await self.delivery.failure(failure)
             exchange.scope = None
         return failure
 
@@ -199,7 +169,7 @@ class Relay:
                     if delay is not None and following is not None:
                         await self._hedged(target, following, delay)
                     else:
-                        await self._attempt(upstream, target)
+                        await self.attempts.run(upstream, target)
                     return
                 except GatewayError as error:
                     if exchange.committed:
@@ -244,14 +214,14 @@ class Relay:
         """Start `first`; if it has no token after `delay`, start `second` too. The first to
         produce a token delivers; the other is cancelled at once (its socket closed)."""
         exchange = self.exchange
-        race = _Race()
+        race = Race()
         race.scopes = {first: anyio.CancelScope(), second: anyio.CancelScope()}
         failures: dict[Target, GatewayError] = {}
 
         async def run(target: Target) -> None:
             with race.scopes[target]:
                 try:
-                    await self._attempt(self.upstreams[target.upstream], target, race)
+                    await self.attempts.run(self.upstreams[target.upstream], target, race)
                 except GatewayError as error:
                     failures[target] = error
             if target == first:
@@ -285,348 +255,6 @@ class Relay:
                 raise failures[winner]
             return
         raise failures.get(second) or failures[first]
-
-    async def _attempt(self, upstream: Upstream, target: Target, race: _Race | None = None) -> None:
-        exchange = self.exchange
-        exchange.upstream = upstream.name
-        exchange.phase = "queued"
-        record = Attempt(upstream.name, target.model, queued_at=clock())
-        exchange.attempt_log.append(record)
-        try:
-            await upstream.bulkhead.acquire(exchange.budget.deadline.at)
-        except BaseException as error:
-            record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
-            record.cancel_reason = None if isinstance(error, GatewayError) else "queued"
-            record.ended = clock()
-            raise
-        record.started = clock()
-        try:
-            exchange.queue_s += record.started - record.queued_at
-            attempt_end = record.started + exchange.budget.attempt_s
-            if attempt_end >= exchange.budget.deadline.at:  # the deadline comes first anyway
-                await self._exchange_with(upstream, target, record, race)
-            else:
-                with anyio.CancelScope(deadline=attempt_end) as scope:
-                    await self._exchange_with(upstream, target, record, race)
-                if scope.cancelled_caught:
-                    raise BudgetExceeded("attempt", "The attempt ran past the route's attempt_s.")
-        except GatewayError as error:
-            record.outcome = error.code
-            upstream.report_failure(error, client_gap=exchange.budget.client_gap)
-            attempt_log.info(
-                "request_id=%s route=%s upstream=%s model=%s outcome=%s ms=%.1f",
-                exchange.request_id, self.route.model, upstream.name, target.model, error.code,
-                (clock() - record.started) * 1000,
-            )  # fmt: skip
-            raise
-        except BaseException:  # cancelled: the caller left, its deadline passed, a hedge won
-            record.outcome = "cancelled"
-            record.cancel_reason = self._cancel_reason(target, race)
-            upstream.outlier.neutral()
-            raise
-        else:
-            if race is None or race.winner == target:
-                record.outcome = "ok"
-                upstream.report_success()
-            else:  # lost a hedge: it says nothing of the upstream
-                record.outcome, record.cancel_reason = "cancelled", "hedge_lost"
-                upstream.outlier.neutral()
-        finally:
-            record.ended = clock()
-            upstream.bulkhead.release()
-
-    def _cancel_reason(self, target: Target, race: _Race | None) -> str:
-        if self.exchange.disconnected:
-            return "client_disconnect"
-        if race is not None and race.winner not in (None, target):
-            return "hedge_lost"
-        return "deadline"
-
-    async def _exchange_with(
-        self, upstream: Upstream, target: Target, record: Attempt, race: _Race | None
-    ) -> None:
-        exchange = self.exchange
-        budget = exchange.budget
-        started = record.started
-        attempt_end = min(started + budget.attempt_s, budget.deadline.at)
-        translation = self.api.translation(upstream.config)
-        response: aiohttp.ClientResponse | None = None
-        try:
-            exchange.phase = "connecting"
-            if not self.streamed:  # a whole answer: the attempt and the deadline bound it
-                await self._exchange_whole(upstream, translation, target, record, race)
-                return
-            headers = self._headers(upstream, translation, attempt_end - started - budget.margin_s)
-            body = translation.request(self.body, self.payload, target.model, stream=True)
-            rules = self.api.stream
-            assert rules is not None  # streamed
-            # The first token is due `ttft_s` after the attempt starts, whatever holds it up
-            # (connect, headers, keep-alives, role-only chunks); no scope needed if the
-            # deadline comes first.
-            first_due = started + budget.ttft_s
-            assembler = rules.assembler() if self.assemble else None
-            with anyio.CancelScope(
-                deadline=first_due if first_due < attempt_end else math.inf
-            ) as first_scope:
-                response = await self._send(upstream, translation, body, headers, started)
-                events = ContentEvents(
-                    response,
-                    rules,
-                    assembler=assembler,
-                    translator=translation.events(self.include_usage),
-                    limit=upstream.config.max_response_bytes,
-                )
-                first = await events.until_token()
-            if first_scope.cancelled_caught:
-                raise BudgetExceeded("ttft", f"No first token within ttft_s ({budget.ttft_s:g}s).")
-            if first is None:
-                if assembler is None:
-                    raise UpstreamFailed(
-                        "The upstream ended the stream before any token.",
-                        code="upstream_protocol_error",
-                    )
-                # Some servers answer a prompt they refuse (one past the context length) with
-                # an empty stream; asked plainly, they say why, and the caller hears it.
-                assert response is not None  # the stream came from it
-                upstream.close(response)
-                response = None
-                await self._exchange_whole(upstream, translation, target, record, race)
-                return
-            now = clock()
-            record.ttft_s = now - started
-            self.state.ttft[target].record(now, record.ttft_s)
-            if race is not None and not race.claim(target):
-                return  # the other attempt of a hedge had its token first
-            exchange.upstream = upstream.name
-            assert response is not None  # a first token came from it
-            self._passed = passed_headers(response.headers)
-            exchange.ttft_s = now - exchange.arrival
-            exchange.last_content_at = now
-            exchange.phase = "streaming"
-            if assembler is None:
-                await self._relay_stream(first, events, record)
-            else:
-                await self._relay_assembled(assembler, events, record, upstream)
-        except UPSTREAM_ERRORS as exc:
-            raise map_transport_error(exc) from exc
-        finally:
-            if response is not None:
-                upstream.close(response)
-
-    async def _exchange_whole(
-        self,
-        upstream: Upstream,
-        translation: Translation,
-        target: Target,
-        record: Attempt,
-        race: _Race | None,
-    ) -> None:
-        """Ask for the whole answer (no stream) and relay it."""
-        budget = self.exchange.budget
-        attempt_end = min(record.started + budget.attempt_s, budget.deadline.at)
-        timeout_s = attempt_end - clock() - budget.margin_s
-        headers = self._headers(upstream, translation, timeout_s, streamed=False)
-        body = translation.request(self.body, self.payload, target.model, stream=False)
-        response = await self._send(upstream, translation, body, headers, record.started)
-        try:
-            if race is not None and not race.claim(target):
-                return  # the other attempt of a hedge had its token first
-            self._passed = passed_headers(response.headers)
-            await self._relay_whole(response, translation, upstream.config.max_response_bytes)
-        finally:
-            upstream.close(response)
-
-    def _headers(
-        self,
-        upstream: Upstream,
-        translation: Translation,
-        timeout_s: float,
-        *,
-        streamed: bool = True,
-    ) -> dict[str, str]:
-        """An attempt's headers. Of the client's: the trace context, the protocol's own
-        (`openai-beta`, `anthropic-version`) and what the upstream's `forward_headers` names;
-        a client must not pick what is billed under the gateway's key."""
-        headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream" if streamed else "application/json",
-            "x-request-id": self.exchange.request_id,
-            "x-request-timeout-ms": timeout_header_ms(timeout_s),
-            **self.trace_headers,
-            **{
-                name: value
-                for name in (*translation.forwarded, *upstream.config.forward_headers)
-                if (value := self.client_headers.get(name)) is not None
-            },
-        }
-        if upstream.config.kind == "anthropic":
-            headers.setdefault("anthropic-version", upstream.config.anthropic_version)
-        return headers
-
-    async def _send(
-        self,
-        upstream: Upstream,
-        translation: Translation,
-        body: bytes,
-        headers: dict[str, str],
-        started: float,
-    ) -> aiohttp.ClientResponse:
-        """Send the attempt; its response once the headers are in, or its error status."""
-        exchange = self.exchange
-        response = await upstream.send(translation.path, body, headers)
-        exchange.upstream_s = clock() - started
-        exchange.phase = "waiting_first_token"
-        if response.status >= 400:
-            try:
-                error_body = await read_limited(response)
-            finally:
-                upstream.close(response)
-            raise translation.error(
-                response.status,
-                mask_secrets(error_body, upstream.config),
-                response.headers,
-                passed_headers(response.headers),
-            )
-        return response
-
-    async def _relay_whole(
-        self, response: aiohttp.ClientResponse, translation: Translation, limit: int
-    ) -> None:
-        """A whole answer (never hedged: there is no first token to race for)."""
-        body = translation.whole(await read_whole(response, limit))
-        answer = jsonbody.loads(body)  # garbage from upstream is a 502, not a 200 to choke on
-        self.exchange.usage = self._usage(answer)
-        self.exchange.ttft_s = clock() - self.exchange.arrival
-        content_type = response.headers.get("content-type", "application/json")
-        await self._answer_whole(content_type, body)
-
-    def _usage(self, answer: object) -> dict[str, Any] | None:
-        if self.api.stream is not None:
-            return self.api.stream.usage(answer)
-        usage = answer.get("usage") if isinstance(answer, dict) else None  # embeddings
-        return usage if isinstance(usage, dict) else None
-
-    async def _answer_whole(self, content_type: str, body: bytes) -> None:
-        self.exchange.committed = self.exchange.finishing = True
-        await self.writer.whole(200, self._success_headers(content_type), body)
-
-    async def _relay_stream(
-        self, first: list[Event], events: ContentEvents, record: Attempt
-    ) -> None:
-        """Commit on the first token, then pass each chunk's events on as one write; `idle_s`
-        bounds every gap between content (keep-alives are passed on but do not count), kept
-        by one lazily re-armed timer, not a scope per event."""
-        exchange = self.exchange
-        idle_s = exchange.budget.idle_s
-        await self.writer.start(200, self._success_headers("text/event-stream"))
-        exchange.committed = True
-        batch: list[Event] | None = first
-        with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s)
-            try:
-                while batch is not None:
-                    last = events.ended
-                    exchange.finishing = last
-                    raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
-                    await self.writer.body(raw, more=not last)
-                    if last:
-                        exchange.usage = events.usage
-                        return
-                    if events.live:  # counted from here, so a slow client is not an idle upstream
-                        exchange.last_content_at = watchdog.touch()
-                    batch = await events.next_batch()
-            finally:
-                watchdog.stop()
-                record.max_gap_s = watchdog.max_gap
-        if watchdog.fired:
-            raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
-        exchange.finishing = True
-        await self.writer.body(b"", more=False)
-
-    async def _relay_assembled(
-        self, assembler: Assembly, events: ContentEvents, record: Attempt, upstream: Upstream
-    ) -> None:
-        """Read the rest of the stream under `idle_s` (nothing is sent yet, so a stall can
-        still fall over), then answer with the non-streaming body it adds up to."""
-        exchange = self.exchange
-        idle_s = exchange.budget.idle_s
-        with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s)
-            try:
-                while not events.done and await events.next_batch() is not None:
-                    if events.live:
-                        exchange.last_content_at = watchdog.touch()
-            finally:
-                watchdog.stop()
-                record.max_gap_s = watchdog.max_gap
-        if watchdog.fired:
-            raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-answer.")
-        if not assembler.finished:
-            raise UpstreamFailed(
-                "The upstream's stream ended before the answer was complete.",
-                code="upstream_protocol_error",
-            )
-        answer = assembler.result()
-        exchange.usage = self._usage(answer)
-        if "usage" not in answer:
-            _warn_no_usage(upstream)
-        await self._answer_whole("application/json", jsonbody.dumps(answer))
-
-    async def _answer_failure(self, failure: GatewayError) -> None:
-        self.exchange.finishing = True  # the last words: a disconnect after them is normal
-        if self.exchange.committed:
-            await self.writer.body(self.api.errors.event(failure), more=False)
-        else:
-            headers = {**self.headers, "server-timing": self.exchange.server_timing()}
-            if self.exchange.upstream is not None:
-                headers["x-gateway-upstream"] = self.exchange.upstream
-                headers["x-gateway-attempts"] = str(self.exchange.attempts)
-            await self.writer.error(failure, headers)
-
-    def _success_headers(self, content_type: str) -> dict[str, str]:
-        headers = {
-            **self._passed,
-            **self.headers,
-            "content-type": content_type,
-            "x-gateway-upstream": self.exchange.upstream or "",
-            "x-gateway-attempts": str(self.exchange.attempts),
-            "server-timing": self.exchange.server_timing(),
-        }
-        if self.exchange.stream:
-            headers["cache-control"] = "no-cache"
-            headers["x-accel-buffering"] = "no"  # tell nginx-like proxies not to buffer
-        return headers
-
-
-class _Race:
-    """Two attempts of a hedge racing to their first token: the first to claim wins and the
-    other's scope is cancelled at once."""
-
-    def __init__(self) -> None:
-        self.scopes: dict[Target, anyio.CancelScope] = {}
-        self.winner: Target | None = None
-        self.settled = anyio.Event()  # a winner, or the first attempt ended without one
-
-    def claim(self, target: Target) -> bool:
-        if self.winner is None:
-            self.winner = target
-            for other, scope in self.scopes.items():
-                if other != target:
-                    scope.cancel()
-            self.settled.set()
-        return self.winner == target
-
-
-def _warn_no_usage(upstream: Upstream) -> None:
-    """Once per upstream: its streams carry no usage, so neither do the answers assembled."""
-    if not upstream.usage_unreported:
-        upstream.usage_unreported = True
-        logging.getLogger("gateway").warning(
-            "upstream=%s sends no usage in its streams (it ignores "
-            "stream_options.include_usage): non-streaming answers assembled from them have no "
-            "usage; set upstream_stream: false on its routes to get the upstream's own",
-            upstream.name,
-        )
 
 
 def _retry_after(failure: GatewayError | None) -> float | None:
