@@ -48,6 +48,7 @@ COUNTERS = {
     "llm_gateway_tokens",
     "llm_gateway_attempts_skipped",
     "llm_gateway_hedges",
+    "llm_gateway_shared_ops",
 }
 HISTOGRAMS = {
     "llm_gateway_request_duration_seconds",
@@ -56,6 +57,7 @@ HISTOGRAMS = {
     "llm_gateway_stream_max_gap_seconds",
     "llm_gateway_pool_wait_seconds",
     "llm_gateway_deadline_budget_seconds",
+    "llm_gateway_shared_op_seconds",
 }
 GAUGES = {
     "llm_gateway_inflight_requests",
@@ -64,6 +66,8 @@ GAUGES = {
     "llm_gateway_pool_connections",
     "llm_gateway_pool_queue_depth",
     "llm_gateway_upstream_ejected",
+    "llm_gateway_shared_state_up",
+    "llm_gateway_shared_slots",
 }
 EXPORTED = (
     {f"{name}_total" for name in COUNTERS}
