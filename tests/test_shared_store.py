@@ -58,8 +58,8 @@ async def test_given_back_slots_free_and_are_announced(store: SlotStore) -> None
     async with anyio.create_task_group() as group:
         group.start_soon(store.watch_freed, on_freed)
         await anyio.sleep(0.05)  # subscribed
-        await store.give_back("u", "a")
-        await store.give_back("u", "a")  # twice: the second frees nothing, says nothing
+        await store.give_back({"u": ["a"]})
+        await store.give_back({"u": ["a"], "v": ["b"]})  # frees nothing, says nothing
         with anyio.fail_after(2):
             await first.wait()
         await anyio.sleep(0.05)
@@ -111,3 +111,11 @@ async def test_an_unreachable_redis_is_store_unavailable(unaccepting_port: int) 
         with anyio.fail_after(2), pytest.raises(StoreUnavailable):
             await store.watch_freed(lambda pool: None)
         await store.aclose()
+
+
+async def test_give_back_takes_many_slots_of_many_pools_in_one_call(store: SlotStore) -> None:
+    await store.take("u", ["a", "b", "c"], limit=3)
+    await store.take("v", ["d"], limit=1)
+    await store.give_back({"u": ["a", "b"], "v": ["d"]})
+    assert list((await store.take("u", ["x", "y", "z"], limit=3)).slots) == ["x", "y"]
+    assert list((await store.take("v", ["w"], limit=1)).slots) == ["w"]

@@ -58,10 +58,15 @@ end
 return 0
 """
 
-# KEYS[1] the pool's set; ARGV[1] the slot id, ARGV[2] the channel, ARGV[3] the pool's name.
+# KEYS the pools' sets; ARGV[1] the channel, ARGV[2i] the name of KEYS[i]'s pool, ARGV[2i+1]
+# the space-separated slot ids given back in it. A pool is announced once, if a slot freed.
 _GIVE_BACK = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+for i, key in ipairs(KEYS) do
+  local freed = 0
+  for slot in string.gmatch(ARGV[2 * i + 1], '%S+') do
+    freed = freed + redis.call('ZREM', key, slot)
+  end
+  if freed > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2 * i]) end
 end
 return 0
 """
@@ -105,9 +110,15 @@ class RedisSlotStore:
         except RedisError as error:
             raise StoreUnavailable(_describe(error)) from error
 
-    async def give_back(self, pool: str, slot: str) -> None:
+    async def give_back(self, released: Mapping[str, Collection[str]]) -> None:
+        pools = [pool for pool, slots in released.items() if slots]
+        if not pools:
+            return
+        args = [self._channel]
+        for pool in pools:
+            args += [pool, " ".join(released[pool])]
         try:
-            await self._give_back(keys=[self._key(pool)], args=[slot, self._channel, pool])
+            await self._give_back(keys=[self._key(pool) for pool in pools], args=args)
         except RedisError as error:
             raise StoreUnavailable(_describe(error)) from error
 

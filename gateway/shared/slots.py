@@ -6,7 +6,8 @@ alive and hear of slots freed elsewhere, and every store call timed, counted and
                           the call that succeeds re-registers everything held), and listen for
                           "slot freed" to wake the queues that wait
     SlotGate              one upstream's door: take slots, hold one without the store (while it
-                          is down), give one back (in the background: a release never waits)
+                          is down), give one back (in the background: a release never waits;
+                          the releases that pile up meanwhile go in the next call, together)
 
 A store call that fails or takes longer than `timeout_s` marks the store down at once; the
 WARNING is logged once, the INFO when it answers again.
@@ -20,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -27,7 +29,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from gateway.config import SharedConfig
-from gateway.deadline import clock
 from gateway.errors import Overloaded
 from gateway.observability import metrics
 from gateway.shared import policy
@@ -44,7 +45,8 @@ class SharedSlots:
         self.processes = config.expected_replicas * workers  # sharing one cap: local_share
         self.health = policy.Health()
         self.gates: dict[str, SlotGate] = {}
-        self._orphans: list[tuple[str, str]] = []  # given back while the store was down
+        self._released: dict[str, set[str]] = {}  # not yet given back to the store
+        self._release_soon = anyio.Event()
         self._token = f"{os.getpid()}.{secrets.token_hex(3)}"  # unique among processes
         self._ids = itertools.count(1)
         self._group: TaskGroup | None = None
@@ -64,6 +66,7 @@ class SharedSlots:
                 self._group = group
                 group.start_soon(self._keep_leases)
                 group.start_soon(self._hear_freed)
+                group.start_soon(self._give_back)
                 task_status.started()
         finally:
             self._group = None
@@ -82,7 +85,7 @@ class SharedSlots:
     ) -> T | None:
         """One store call, at most `timeout_s`: its result, or None when it failed (and the
         store is then down)."""
-        started = clock()
+        started = time.perf_counter()  # the loop's clock may tick in milliseconds (uvloop)
         try:
             with anyio.fail_after(self.config.timeout_s):
                 result = await action()
@@ -91,10 +94,11 @@ class SharedSlots:
         except StoreUnavailable as error:
             outcome, reason = "error", str(error)
         else:
-            metrics.record_shared_op(op, judge(result) if judge else "ok", clock() - started)
+            outcome = judge(result) if judge else "ok"
+            metrics.record_shared_op(op, outcome, time.perf_counter() - started)
             self._observe(True, op, "")
             return result
-        metrics.record_shared_op(op, outcome, clock() - started)
+        metrics.record_shared_op(op, outcome, time.perf_counter() - started)
         self._observe(False, op, reason)
         return None
 
@@ -114,9 +118,7 @@ class SharedSlots:
                 "shared state back: one cap across processes again; %d slot(s) held here "
                 "re-registered", held,
             )  # fmt: skip
-            orphans, self._orphans = self._orphans, []
-            for pool, slot in orphans:
-                self.gates[pool].give_back(slot)
+            self._release_soon.set()  # what was given back meanwhile
         for gate in self.gates.values():
             gate.wake()
 
@@ -153,8 +155,25 @@ class SharedSlots:
         if gate is not None:
             gate.wake()
 
-    def orphan(self, pool: str, slot: str) -> None:
-        self._orphans.append((pool, slot))
+    def release(self, pool: str, slot: str) -> None:
+        self._released.setdefault(pool, set()).add(slot)
+        self._release_soon.set()
+
+    async def _give_back(self) -> None:
+        """One call for every slot given back since the last one: under load, far fewer
+        calls than requests."""
+        while True:
+            await self._release_soon.wait()
+            self._release_soon = anyio.Event()
+            if not self.health.up or not self._released:
+                continue  # kept until the store is back (the leases expire anyway)
+            batch, self._released = self._released, {}
+            done = await self.call("release", functools.partial(_done, self.store.give_back, batch))
+            if done is None:
+                for pool, slots in batch.items():
+                    self._released.setdefault(pool, set()).update(slots)
+            for pool in batch:  # our own queues need not wait for the published word
+                self.gates[pool].wake()
 
 
 class SlotGate:
@@ -216,26 +235,14 @@ class SlotGate:
         """Never waits: the store hears of it in the background (or, while it is down, once it
         is back; the lease would expire anyway)."""
         self.held.discard(slot)
-        if not self.slots.health.up:
-            self.slots.orphan(self.pool, slot)
-            return
-
-        async def give_back() -> None:
-            done = await self.slots.call(
-                "release", lambda: _done(self.slots.store.give_back(self.pool, slot))
-            )
-            if done is None:
-                self.slots.orphan(self.pool, slot)
-            self.wake()  # our own queue need not wait for the published word
-
-        self.slots.spawn(give_back)
+        self.slots.release(self.pool, slot)
 
     def start(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if not self.slots.spawn(work):
             raise Overloaded("The gateway is shutting down.", code="shutting_down")
 
 
-async def _done(call: Awaitable[None]) -> bool:
+async def _done(call: Callable[[T], Awaitable[None]], argument: T) -> bool:
     """A call that returns nothing, as True when it succeeded (`call` says None if not)."""
-    await call
+    await call(argument)
     return True

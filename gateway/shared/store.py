@@ -38,8 +38,9 @@ class SlotStore(Protocol):
         """Extend every lease in `held` (pool -> slot ids) by the TTL, re-adding any that
         expired or were lost (a store that restarted learns what is held again)."""
 
-    async def give_back(self, pool: str, slot: str) -> None:
-        """Drop one lease and tell every watcher that `pool` has a free slot."""
+    async def give_back(self, released: Mapping[str, Collection[str]]) -> None:
+        """Drop the leases in `released` (pool -> slot ids), in one call, and tell every
+        watcher which pools have a free slot."""
 
     async def watch_freed(self, on_freed: Callable[[str], None]) -> None:
         """Call `on_freed(pool)` for each slot given back anywhere, until cancelled; raise
@@ -88,11 +89,13 @@ class LocalSlotStore:
         for pool, slots in held.items():
             self._leases.setdefault(pool, {}).update(dict.fromkeys(slots, expiry))
 
-    async def give_back(self, pool: str, slot: str) -> None:
+    async def give_back(self, released: Mapping[str, Collection[str]]) -> None:
         self._check()
-        if self._leases.get(pool, {}).pop(slot, None) is not None:
-            for watcher in self._watchers:
-                watcher(pool)
+        for pool, slots in released.items():
+            leases = self._leases.get(pool, {})
+            if [slot for slot in slots if leases.pop(slot, None) is not None]:
+                for watcher in self._watchers:
+                    watcher(pool)
 
     async def watch_freed(self, on_freed: Callable[[str], None]) -> None:
         self._check()
