@@ -5,8 +5,11 @@
 Child processes, all on 127.0.0.1: `bench.fast_upstream` (the upstream; its own req/s is
 measured and must be far above the gateway's), nginx proxying to it (the reference "proxy
 doing almost nothing"), and the gateway (`llm-gateway serve`, `--workers 1` and `--workers
-2`). Load comes from wrk (closed loop, max throughput) and from `bench.loadgen` (open loop,
-paced, latency counted from each request's scheduled time). Sections:
+2`, and `--workers 1` without metrics and with its cap shared through a redis-server on
+loopback: "gateway w1 shared", in the throughput, latency and streaming runs, its Redis calls
+per request read from its metrics). Load comes from wrk (closed loop, max throughput) and
+from `bench.loadgen` (open loop, paced, latency counted from each request's scheduled time).
+Sections:
 
     throughput   wrk req/s at concurrency 1, 16, 64: direct, nginx, gateway w1, w2;
                  gateway CPU per request (/proc utime+stime of its process tree) at c=16
@@ -33,8 +36,10 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +72,7 @@ from bench._common import (
     rss_bytes,
     run_servers,
     stop_async,
+    stop_process,
     table,
 )
 from bench.loadgen import (
@@ -187,9 +193,9 @@ def tool(name: str) -> str:
 
 
 def require_tools() -> dict[str, str]:
-    """wrk and nginx, with their versions; a clear error if either is missing."""
+    """wrk, nginx and redis-server, with their versions; a clear error if one is missing."""
     versions = {}
-    for name in ("wrk", "nginx"):
+    for name in ("wrk", "nginx", "redis-server"):
         done = subprocess.run([tool(name), "-v"], capture_output=True, text=True, timeout=10)
         text = (done.stdout + done.stderr).strip().splitlines()
         versions[name] = text[0] if text else "?"
@@ -302,11 +308,17 @@ class Setup:
         ]
         return ServerSpec("nginx", command, f"http://{HOST}:{port}", "/healthz")
 
-    def gateway(self, workers: int, *, metrics: bool = True) -> ServerSpec:
-        """The gateway; without metrics too, so their cost per request is measured."""
-        config = self.tmp / f"gateway-{'metrics' if metrics else 'bare'}.yaml"
+    def gateway(
+        self, workers: int, *, metrics: bool = True, redis_url: str | None = None
+    ) -> ServerSpec:
+        """The gateway; without metrics too, so their cost per request is measured, and with
+        its cap shared through Redis (never full here: what is measured is the round trips)."""
+        kind = "shared" if redis_url else "metrics" if metrics else "bare"
+        config = self.tmp / f"gateway-{kind}.yaml"
         data = gateway_config(self.upstream_url)
         data["server"] = {"metrics": metrics}
+        if redis_url:
+            data["shared"] = {"redis_url": redis_url, "key_prefix": "bench:"}
         config.write_text(yaml.safe_dump(data, sort_keys=False))
         port = free_port()
         command = gateway_command(
@@ -321,7 +333,30 @@ class Setup:
             "warning",
         )
         name = f"gateway w{workers}" + ("" if metrics else " no-metrics")
+        name += " shared" if redis_url else ""
         return ServerSpec(name, command, f"http://{HOST}:{port}", "/readyz")
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A redis-server on loopback without persistence, for the shared cap; its URL."""
+    port = free_port()
+    command = [tool("redis-server"), "--port", str(port), "--bind", HOST]
+    command += ["--save", "", "--appendonly", "no", "--dir", str(tmp)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise BenchError(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        stop_process(process)
 
 
 def via_direct(upstream: Server) -> Via:
@@ -887,13 +922,15 @@ async def main_phase(run: Run, tmp: Path, servers: dict[str, Server]) -> None:
     vias = [via_direct(upstream), via_proxy(servers["nginx"], gateway=False)]
     vias += [via_proxy(servers[f"gateway w{w}"], gateway=True) for w in (1, 2)]
     vias.append(via_proxy(servers["gateway w1 no-metrics"], gateway=True))  # throughput only
+    shared = via_proxy(servers["gateway w1 shared"], gateway=True)
+    vias.append(shared)
     targets = {via.name: Target(via.url) for via in vias}
     try:
         progress("checking answers and warming up ...")
         await warm_up(run, vias, targets)
         progress("throughput (wrk) ...")
         await throughput(run, tmp, vias)
-        paced_vias = vias[:3]  # direct, nginx, gateway w1
+        paced_vias = [*vias[:3], shared]  # direct, nginx, gateway w1, gateway w1 shared
         progress("paced latency ...")
         await latency(run, paced_vias, targets)
         progress("streaming ...")
@@ -901,16 +938,44 @@ async def main_phase(run: Run, tmp: Path, servers: dict[str, Server]) -> None:
     finally:
         for target in targets.values():
             target.close()
+    run.data["shared"] = await shared_calls(servers["gateway w1 shared"])
     progress("deadline precision ...")
     await deadline(run, vias[2])
 
 
+async def shared_calls(gateway: Server) -> dict[str, Any]:
+    """The shared gateway's Redis calls per request, and their mean time, from its metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"{gateway.url}/metrics") as got:
+        text = await got.text()
+
+    def total(pattern: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{pattern} (\S+)$", text, re.MULTILINE))
+
+    requests = total(r"llm_gateway_requests_total\{[^}]*\}")
+    calls = {
+        op: total(rf'llm_gateway_shared_ops_total\{{op="{op}",outcome="[a-z]+"\}}')
+        for op in ("acquire", "release", "renew")
+    }
+    acquire_s = total(r'llm_gateway_shared_op_seconds_sum\{op="acquire"\}')
+    return {
+        "requests": requests,
+        "calls": calls,
+        "acquire_per_request": calls["acquire"] / requests if requests else 0.0,
+        "release_per_request": calls["release"] / requests if requests else 0.0,
+        "acquire_mean_ms": 1000 * acquire_s / calls["acquire"] if calls["acquire"] else 0.0,
+    }
+
+
 def run_all(run: Run, tmp: Path) -> None:
     setup = Setup(tmp)
-    progress("starting the fast upstream ...")
-    with run_servers([setup.upstream()]) as (upstream,):
-        progress("starting nginx and the gateway with 1 and 2 workers, and without metrics ...")
+    progress("starting the fast upstream and redis-server ...")
+    with run_servers([setup.upstream()]) as (upstream,), redis_server(tmp) as redis_url:
+        progress(
+            "starting nginx and the gateway with 1 and 2 workers, without metrics, and with "
+            "its cap shared through Redis ..."
+        )
         gateways = [setup.gateway(1), setup.gateway(2), setup.gateway(1, metrics=False)]
+        gateways.append(setup.gateway(1, redis_url=redis_url))
         with run_servers([setup.nginx(), *gateways]) as started:
             servers = {s.name: s for s in [upstream, *started]}
             uvloop.run(main_phase(run, tmp, servers))
@@ -1173,6 +1238,7 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
             f"({st['cpu']['us_per_stream']:.0f} us per stream)"
         )
     yield ""
+    yield from report_shared(data)
     dl = data["deadline"]
     late, budget = dl["late_vs_deadline"], dl["late_vs_budget"]
     yield (
@@ -1235,6 +1301,41 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
         met = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
         rows.append([g["target"], f"{sign} {g['limit']:,g} {g['unit']}", _f(g["value"]), met])
     yield table(["target", "limit", "value", ""], rows)
+
+
+def report_shared(data: dict[str, Any]) -> Iterator[str]:
+    """The shared cap's cost: the same gateway w1 with and without `shared` (Redis on
+    loopback, a cap never reached), from the sections above."""
+    plain, shared = "gateway w1", "gateway w1 shared"
+    cpu = data["throughput"]["cpu"]
+    c = str(CPU_CONCURRENCY)
+    paths = data["throughput"]["paths"]
+    sh = data["shared"]
+    yield "shared cap (Redis on loopback, one cap never full): gateway w1 without / with shared"
+    yield (
+        f"  CPU per request at c={c}: {cpu[plain]['us_per_request']:.0f} / "
+        f"{cpu[shared]['us_per_request']:.0f} us; req/s at c={c}: "
+        f"{paths[plain][c]['rps']:,.0f} / {paths[shared][c]['rps']:,.0f}"
+    )
+    for rate, per_via in data["latency"]["rates"].items():
+        a, b = per_via[plain].get("added", {}), per_via[shared].get("added", {})
+        yield (
+            f"  paced {rate}/s, added vs direct p50 {_f(a.get('p50_ms'), 3)} / "
+            f"{_f(b.get('p50_ms'), 3)} ms, p99 {_f(a.get('p99_ms'), 3)} / "
+            f"{_f(b.get('p99_ms'), 3)} ms"
+        )
+    streams = data["streaming"]["paths"]
+    yield (
+        "  streams, added total p50 "
+        f"{_f(streams[plain].get('added', {}).get('total_p50_ms'), 3)} / "
+        f"{_f(streams[shared].get('added', {}).get('total_p50_ms'), 3)} ms"
+    )
+    yield (
+        f"  Redis calls per request: acquire {sh['acquire_per_request']:.3f}, release "
+        f"{sh['release_per_request']:.3f} (renew {sh['calls']['renew']:.0f} in all); "
+        f"mean acquire {sh['acquire_mean_ms']:.3f} ms"
+    )
+    yield ""
 
 
 def finite(data: Any) -> Any:

@@ -25,6 +25,9 @@ from gateway.observability import metrics
 from gateway.protocols.api import APIS
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
+from gateway.shared import SharedSlots
+from gateway.shared.policy import per_worker
+from gateway.shared.redis_store import RedisSlotStore
 from gateway.simulator import create_simulator_app
 from gateway.upstream import Upstream
 
@@ -33,9 +36,17 @@ log = logging.getLogger("gateway")
 SIMULATOR_PREFIX = "/sim-upstream"
 
 
-def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
-    """The gateway for `config`; `with_simulator` also serves the simulator (the demo)."""
-    upstreams = {spec.name: Upstream(spec) for spec in config.upstreams}
+def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1) -> GatewayApp:
+    """The gateway for `config`; `with_simulator` also serves the simulator (the demo).
+    `workers`: the processes `serve` runs, which share each cap (DESIGN §4, gateway.shared)."""
+    config = per_worker(config, workers)  # without `shared`, each worker takes its share
+    shared = None
+    if config.shared is not None:
+        shared = SharedSlots(RedisSlotStore(config.shared), config.shared, workers=workers)
+    upstreams = {
+        spec.name: Upstream(spec, shared.gate(spec.name, spec.max_connections) if shared else None)
+        for spec in config.upstreams
+    }
     metrics.enable(config.server.metrics)
     inflight_registry = Inflight()
     lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
@@ -105,6 +116,8 @@ def create_app(config: Config, *, with_simulator: bool = False) -> GatewayApp:
         app.state.ready = True
         try:
             async with anyio.create_task_group() as group:
+                if shared is not None:  # leases renewed, freed slots heard of
+                    await group.start(shared.run)
                 if config.server.metrics:  # gauges rise while a request hangs, not after it
                     group.start_soon(_sample_every_second, gateway, config.server.stall_warn_s)
                 yield

@@ -21,6 +21,7 @@ from gateway.config import LOG_FORMATS, ConfigError, ServerConfig, describe_conf
 from gateway.demo import demo_config, demo_models
 from gateway.http_server import HeaderTimeoutProtocol
 from gateway.observability import logs, metrics
+from gateway.shared.policy import per_worker_line
 from gateway.simulator import create_simulator_app
 
 DEFAULT_CONFIG = Path("gateway.yaml")
@@ -29,6 +30,7 @@ _CONFIG_ENV = "LLM_GATEWAY_SERVE_CONFIG"
 _DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
 _LOG_LEVEL_ENV = "LLM_GATEWAY_SERVE_LOG_LEVEL"
 _LOG_FORMAT_ENV = "LLM_GATEWAY_SERVE_LOG_FORMAT"
+_WORKERS_ENV = "LLM_GATEWAY_SERVE_WORKERS"
 # After the gateway's own drain (server.shutdown_grace_s, gateway.lifecycle), what uvicorn may
 # still wait for: nothing is in flight by then.
 _GRACEFUL_SHUTDOWN_S = 5
@@ -136,7 +138,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     os.environ[_LOG_LEVEL_ENV] = args.log_level
     os.environ[_LOG_FORMAT_ENV] = log_format = log_format or "text"
+    os.environ[_WORKERS_ENV] = str(args.workers)
     logs.configure(args.log_level, log_format)
+    if path is not None and (line := per_worker_line(config, args.workers)):
+        logging.getLogger("gateway").info("%s", line)  # said once, not by every worker
     loop, http = _server_stack()
     with _metrics_shared_by(args.workers):
         uvicorn.run(
@@ -188,7 +193,7 @@ def app_factory() -> GatewayApp:
     if path is not None:
         config = load_config(path)
         HeaderTimeoutProtocol.header_timeout_s = config.server.header_timeout_s
-        return create_app(config)
+        return create_app(config, workers=int(os.environ.get(_WORKERS_ENV, "1")))
     return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "RetryPolicy",
     "Route",
     "ServerConfig",
+    "SharedConfig",
     "Target",
     "UpstreamConfig",
     "describe_config",
@@ -49,6 +50,7 @@ __all__ = [
 RETRY_CONDITIONS = frozenset({"connect", "ttft", "idle", "protocol"})
 LOG_FORMATS = ("text", "json")
 OUTLIER_MODES = ("panic", "fail_fast")
+ON_FAILURE = ("closed", "open", "local_share")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +186,21 @@ class Route:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SharedConfig:
+    """`shared`: one cap for every worker and replica, through a Redis (gateway.shared).
+    `on_failure` says what a process does while Redis does not answer within `timeout_s`:
+    `closed` refuses (503), `open` admits without the shared cap, `local_share` enforces
+    ceil(limit / (expected_replicas x workers)) on its own."""
+
+    redis_url: str = field(repr=False)  # redis:// or rediss://; may hold a password
+    key_prefix: str = "llmgw:"
+    timeout_s: float = 0.05  # per Redis call; past it the call counts as failed
+    lease_ttl_s: float = 10.0  # a slot held by a process that died frees after this
+    on_failure: Literal["closed", "open", "local_share"] = "local_share"
+    expected_replicas: int = 3
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole gateway configuration, as `load_config` returns it."""
 
@@ -191,6 +208,7 @@ class Config:
     auth: AuthConfig | None = None
     upstreams: tuple[UpstreamConfig, ...] = ()
     routes: tuple[Route, ...] = ()
+    shared: SharedConfig | None = None  # None: each process keeps its own caps
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -230,10 +248,13 @@ def parse_config(data: object, env: Mapping[str, str]) -> Config:
     for r in top.sections("routes"):
         routes.append(_read_route(r, names, server.deadline.max_s))
         _unique(r, "model", routes[-1].model, seen, f'route model "{routes[-1].model}"')
+    shared = _read_shared(top.section("shared")) if top.has("shared") and top.ok("shared") else None
     top.unknown_keys()
     if errors:
         raise ConfigError(errors)
-    return Config(server=server, auth=auth, upstreams=tuple(upstreams), routes=tuple(routes))
+    return Config(
+        server=server, auth=auth, upstreams=tuple(upstreams), routes=tuple(routes), shared=shared
+    )
 
 
 def _read_server(r: Reader) -> ServerConfig:
@@ -393,6 +414,48 @@ def _read_base_url(r: Reader) -> str:
     return url.rstrip("/")
 
 
+def _read_shared(r: Reader) -> SharedConfig:
+    default = SharedConfig(redis_url="")
+    on_failure = r.optional_text("on_failure") or default.on_failure
+    if on_failure not in ON_FAILURE:
+        r.error("on_failure", f"must be closed, open or local_share (got {on_failure!r})")
+        on_failure = default.on_failure
+    shared = SharedConfig(
+        redis_url=_read_redis_url(r),
+        key_prefix=r.optional_text("key_prefix") or default.key_prefix,
+        timeout_s=r.seconds("timeout_s", default.timeout_s),
+        lease_ttl_s=r.seconds("lease_ttl_s", default.lease_ttl_s),
+        on_failure=on_failure,  # type: ignore[arg-type]  # one of ON_FAILURE, checked above
+        expected_replicas=r.integer("expected_replicas", default.expected_replicas),
+    )
+    if r.ok("timeout_s", "lease_ttl_s") and shared.lease_ttl_s < 3 * shared.timeout_s:
+        # renewal runs every lease_ttl_s / 3 and must fit a call that may take timeout_s
+        r.error("lease_ttl_s", f"must be at least 3 x timeout_s ({_num(3 * shared.timeout_s)})")
+    r.unknown_keys()
+    return shared
+
+
+def _read_redis_url(r: Reader) -> str:
+    """redis://[:password@]host[:port][/db] or rediss://; the URL is never quoted back (it may
+    hold a password)."""
+    url = r.text("redis_url", secret=True)
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. a non-numeric port
+        valid = False
+    db = parts.path.lstrip("/") if valid else ""
+    if not valid:
+        r.error("redis_url", "must be a redis:// or rediss:// URL with a host")
+    elif db and not db.isdigit():
+        r.error("redis_url", "the path must be a database number (redis://host:6379/0)")
+    elif parts.query or parts.fragment:
+        r.error("redis_url", "must not have a query or fragment (a password goes before the @)")
+    return url
+
+
 def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
     model = r.text("model")
     targets: list[Target] = []
@@ -533,6 +596,13 @@ def describe_config(config: Config) -> str:
         names = ", ".join(key.name for key in config.auth.keys)
         count = len(config.auth.keys)
         lines.append(f"auth: {count} key{'s' * (count != 1)} ({names})")
+    if config.shared is not None:
+        shared = config.shared
+        lines.append(
+            f"shared: redis_url={_mask_url(shared.redis_url)} key_prefix={shared.key_prefix!r} "
+            f"timeout_s={_num(shared.timeout_s)} lease_ttl_s={_num(shared.lease_ttl_s)} "
+            f"on_failure={shared.on_failure} expected_replicas={shared.expected_replicas}"
+        )
     for u in config.upstreams:
         lines.append(
             f"upstream {u.name}  {_mask_url(u.base_url)}{_anthropic(u)}  "

@@ -7,7 +7,8 @@
      ├── ModelNotFound                404 model_not_found
      ├── RequestTooLarge              413 request_too_large
      ├── UpstreamFailed               502 upstream_connect_error / upstream_protocol_error
-     ├── Overloaded                   503 upstream_saturated / circuit_open, with Retry-After
+     ├── Overloaded                   503 upstream_saturated / circuit_open / shutting_down /
+     │                                    shared_state_unavailable (gateway.shared), Retry-After
      ├── BudgetExceeded (TimeoutError) 504 deadline_exceeded / upstream_*_timeout, with a phase
      └── UpstreamStatus               the upstream's own error status and body, passed through
 

@@ -18,7 +18,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 import anyio
@@ -30,12 +30,26 @@ from gateway.observability import health
 from gateway.resilience.attempts import retry_after as asked_retry_after
 from gateway.resilience.outlier import OutlierDetector
 from gateway.routing import overloaded, upstreams_fault
+from gateway.shared.policy import poll_s
+from gateway.shared.slots import SlotGate
 from gateway.sse import SSEProtocolError
 
 _RATE_WINDOW = 64  # recent slot releases that estimate a full queue's Retry-After
 
 # What aiohttp's socket_factory is given: getaddrinfo()'s (family, type, proto, name, address).
 _AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
+
+
+class _Turn:
+    """A waiter's place in line: set when it may start, with the shared slot it was given
+    (or the error that ends its wait)."""
+
+    __slots__ = ("error", "event", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.slot: str | None = None
+        self.error: Overloaded | None = None
 
 
 class Bulkhead:
@@ -46,7 +60,7 @@ class Bulkhead:
         self.limit = limit
         self.max_pending = max_pending
         self.active = 0
-        self._waiters: list[tuple[float, int, anyio.Event]] = []  # a heap by deadline
+        self._waiters: list[tuple[float, int, _Turn]] = []  # a heap by deadline
         self._order = itertools.count()  # equal deadlines: first come, first served
         self._released: deque[float] = deque(maxlen=_RATE_WINDOW)  # when slots freed
 
@@ -60,18 +74,14 @@ class Bulkhead:
             self.active += 1
             return
         if len(self._waiters) >= self.max_pending:
-            raise Overloaded(
-                "The upstream is at its connection limit and its queue is full.",
-                code="upstream_saturated",
-                retry_after_s=self._retry_after(),
-            )
-        turn = anyio.Event()
+            raise self._saturated()
+        turn = _Turn()
         entry = (deadline, next(self._order), turn)
         heapq.heappush(self._waiters, entry)
         try:
-            await turn.wait()
+            await turn.event.wait()
         except BaseException:
-            if turn.is_set():  # the slot was handed over as we were cancelled: pass it on
+            if turn.event.is_set():  # the slot was handed over as we were cancelled: pass it on
                 self.release()
             else:
                 self._waiters.remove(entry)
@@ -81,9 +91,16 @@ class Bulkhead:
     def release(self) -> None:
         self._released.append(clock())
         if self._waiters:
-            heapq.heappop(self._waiters)[2].set()  # hand the slot straight to the next in line
+            heapq.heappop(self._waiters)[2].event.set()  # hand the slot straight to the next
         else:
             self.active -= 1
+
+    def _saturated(self) -> Overloaded:
+        return Overloaded(
+            "The upstream is at its connection limit and its queue is full.",
+            code="upstream_saturated",
+            retry_after_s=self._retry_after(),
+        )
 
     def _retry_after(self) -> int:
         """Whole seconds until the queue has likely moved on, from how fast slots free up."""
@@ -94,11 +111,113 @@ class Bulkhead:
         return max(1, min(60, math.ceil((self.pending + 1) / per_s)))
 
 
+class SharedBulkhead(Bulkhead):
+    """A bulkhead whose holders each also hold a slot of the cap shared with other processes
+    (gateway.shared). The line stays here, earliest deadline first: one dispatcher, running
+    while anyone waits, asks the store for as many slots as could start now, hands them to the
+    head of the line, and when the store is full waits for word of a freed slot (or polls).
+    While the store is down the gate says how to admit (`shared.on_failure`). A release never
+    waits on the store; a request already running is never cut."""
+
+    def __init__(self, *, limit: int, max_pending: int, gate: SlotGate) -> None:
+        super().__init__(limit=limit, max_pending=max_pending)
+        self.gate = gate
+        self.slots: list[str] = []  # one per holder; fungible, so release gives back any
+        self._dispatching = False
+        self._wake = anyio.Event()
+        gate.bind(self._wake_up)
+
+    async def acquire(self, deadline: float = math.inf) -> None:
+        gate = self.gate
+        if gate.admission() == "closed":
+            raise gate.refusal()
+        room = self.active < gate.local_limit(self.limit) and not self._waiters
+        if not room and len(self._waiters) >= self.max_pending:
+            raise self._saturated()
+        turn = _Turn()
+        entry = (deadline, next(self._order), turn)
+        heapq.heappush(self._waiters, entry)
+        if not self._dispatching:
+            self._dispatching = True
+            gate.start(self._dispatch)
+        try:
+            await turn.event.wait()
+        except BaseException:
+            if turn.slot is not None:  # given a slot as we were cancelled: give it back
+                self.slots.append(turn.slot)
+                self.release()
+            elif not turn.event.is_set():
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+                self._wake_up()
+            raise
+        if turn.error is not None:
+            raise turn.error
+        assert turn.slot is not None
+        self.slots.append(turn.slot)
+
+    def release(self) -> None:
+        self._released.append(clock())
+        self.active -= 1
+        self.gate.give_back(self.slots.pop())
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    async def _dispatch(self) -> None:
+        gate = self.gate
+        try:
+            while self._waiters:
+                self._wake = wake = anyio.Event()  # set by a release, here or anywhere
+                room = min(gate.local_limit(self.limit) - self.active, len(self._waiters))
+                if room <= 0:
+                    await wake.wait()
+                    continue
+                admission = gate.admission()
+                if admission == "closed":
+                    self._end_waits(gate.refusal())
+                elif admission != "shared":  # open, or local_share under local_limit
+                    self._hand_over([gate.hold_unshared() for _ in range(room)])
+                elif (taken := await gate.take(room)) is None:
+                    continue  # the store failed just now: admit as on_failure says
+                elif taken.slots:
+                    self._hand_over(taken.slots)
+                elif self.max_pending == 0:  # no line to wait in
+                    self._end_waits(self._saturated())
+                else:
+                    with anyio.move_on_after(poll_s(taken.retry_in_s)):
+                        await wake.wait()
+        finally:
+            self._dispatching = False
+
+    def _hand_over(self, slots: Sequence[str]) -> None:
+        for slot in slots:
+            if self._waiters:  # someone may have left while the store answered
+                turn = heapq.heappop(self._waiters)[2]
+                turn.slot = slot
+                self.active += 1
+                turn.event.set()
+            else:
+                self.gate.give_back(slot)
+
+    def _end_waits(self, error: Overloaded) -> None:
+        while self._waiters:
+            turn = heapq.heappop(self._waiters)[2]
+            turn.error = error
+            turn.event.set()
+
+
 class Upstream:
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, gate: SlotGate | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.bulkhead = Bulkhead(limit=config.max_connections, max_pending=config.max_pending)
+        limit, pending = config.max_connections, config.max_pending
+        self.bulkhead = (
+            Bulkhead(limit=limit, max_pending=pending)
+            if gate is None
+            else SharedBulkhead(limit=limit, max_pending=pending, gate=gate)
+        )
         self.outlier = OutlierDetector(config.outlier)
         self.usage_unreported = False  # its streams had no usage: logged once (gateway.relay)
         self._base = config.base_url.rstrip("/") + "/"
@@ -171,12 +290,15 @@ class Upstream:
         """Requests admitted and queued, and the client's sockets, for debugging and metrics."""
         self._sockets = [sock for sock in self._sockets if sock.fileno() != -1]
         active = min(self._responses, len(self._sockets))
-        return {
+        state = {
             "admitted": self.bulkhead.active,
             "queued": self.bulkhead.pending,
             "connections_active": active,
             "connections_idle": len(self._sockets) - active,
         }
+        if isinstance(self.bulkhead, SharedBulkhead):
+            state["shared_slots"] = len(self.bulkhead.gate.held)
+        return state
 
     async def aclose(self) -> None:
         if self._session is not None:

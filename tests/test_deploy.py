@@ -23,14 +23,13 @@ import time
 import urllib.parse
 import urllib.request
 from contextlib import ExitStack
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from gateway.config import Config, parse_config
+from gateway.config import parse_config
 from gateway.testing import wait_until_ready
 from tests.conftest import Simulator
 from tests.test_cli import serving
@@ -71,6 +70,7 @@ COUNTERS = {
     "llm_gateway_tokens",
     "llm_gateway_attempts_skipped",
     "llm_gateway_hedges",
+    "llm_gateway_shared_ops",
 }
 HISTOGRAMS = {
     "llm_gateway_request_duration_seconds",
@@ -79,6 +79,7 @@ HISTOGRAMS = {
     "llm_gateway_stream_max_gap_seconds",
     "llm_gateway_pool_wait_seconds",
     "llm_gateway_deadline_budget_seconds",
+    "llm_gateway_shared_op_seconds",
 }
 GAUGES = {
     "llm_gateway_inflight_requests",
@@ -87,6 +88,8 @@ GAUGES = {
     "llm_gateway_pool_connections",
     "llm_gateway_pool_queue_depth",
     "llm_gateway_upstream_ejected",
+    "llm_gateway_shared_state_up",
+    "llm_gateway_shared_slots",
 }
 EXPORTED = (
     {f"{name}_total" for name in COUNTERS}
@@ -193,14 +196,6 @@ def without_shared(data: dict[str, Any]) -> dict[str, Any]:
     shared = data.pop("shared")
     assert set(shared) == SHARED_KEYS
     return data
-
-
-def loadable(data: dict[str, Any]) -> dict[str, Any]:
-    """A config as the real loader of this branch can check it: whole once `Config` has a
-    `shared` field, without that section before."""
-    if "shared" in {field.name for field in fields(Config)}:
-        return data
-    return without_shared(data)
 
 
 def compose() -> dict[str, Any]:
@@ -701,7 +696,7 @@ def test_scale_out_profile_wiring() -> None:
 
 def test_scale_out_gateway_config_loads_and_fits_the_balancer() -> None:
     assert "${" not in SCALE_OUT_CONFIG.read_text(), "the compose config needs no environment"
-    config = parse_config(loadable(scale_out_config()), env={})
+    config = parse_config(scale_out_config(), env={})
     assert {route.model for route in config.routes} == {"demo", "demo-slow"}
     text = NGINX_SCALE_OUT.read_text()
     # nginx drops an idle connection to a gateway before the gateway does

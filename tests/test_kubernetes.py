@@ -38,7 +38,6 @@ from tests.test_deploy import (
     dockerfile_stages,
     exec_form,
     free_port,
-    loadable,
     without_shared,
 )
 
@@ -276,7 +275,7 @@ def test_the_grace_periods_are_ordered() -> None:
     pause = pre_stop_s()
     grace = gateway_pod()["terminationGracePeriodSeconds"]
     shutdown_grace_s = parse_config(
-        loadable(yaml.safe_load(configmap_gateway_yaml())), env=fake_secrets()
+        yaml.safe_load(configmap_gateway_yaml()), env=fake_secrets()
     ).server.shutdown_grace_s
     after_sigterm = shutdown_grace_s + lifecycle._SETTLE_S + cli._GRACEFUL_SHUTDOWN_S
     assert 0 < pause < grace - after_sigterm
@@ -343,7 +342,7 @@ def fake_secrets() -> dict[str, str]:
 
 def test_the_configmaps_gateway_yaml_loads_with_the_real_loader() -> None:
     data = yaml.safe_load(configmap_gateway_yaml())
-    config = parse_config(loadable(data), env=fake_secrets())
+    config = parse_config(data, env=fake_secrets())
     assert config.auth is not None, "a cluster-wide gateway without client keys"
     assert config.server.log_format == "json"
     assert [route.model for route in config.routes] == ["gpt-4o-mini"]

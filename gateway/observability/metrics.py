@@ -127,6 +127,38 @@ PANIC_ROUTED = Counter(
     ["route"],
 )
 
+# The shared cap (gateway.shared): whether Redis answers, the slots this process holds, and
+# every store call by outcome and time.
+_SHARED_OP = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SHARED_UP = Gauge(
+    f"{P}shared_state_up",
+    "1 while the shared store (Redis) answers, 0 while the gateway runs on shared.on_failure.",
+    multiprocess_mode="livemin",  # one worker degraded: the server is
+)
+SHARED_SLOTS = Gauge(
+    f"{P}shared_slots",
+    "Shared-cap slots this process holds.",
+    ["upstream"],
+    multiprocess_mode="livesum",
+)
+SHARED_OPS = Counter(
+    f"{P}shared_ops", "Shared store calls by outcome (ok, full, error, timeout).", ["op", "outcome"]
+)
+SHARED_OP_SECONDS = Histogram(
+    f"{P}shared_op_seconds", "Time of one shared store call.", ["op"], buckets=_SHARED_OP
+)
+
+
+def record_shared_op(op: str, outcome: str, seconds: float) -> None:
+    if _enabled:
+        _at(SHARED_OPS, op, outcome).inc()
+        _at(SHARED_OP_SECONDS, op).observe(seconds)
+
+
+def record_shared_up(up: bool) -> None:
+    if _enabled:
+        SHARED_UP.set(1 if up else 0)
+
 
 _enabled = True
 # Bound children by label values: `.labels()` costs a tuple, a lock and a lookup on every call;
@@ -244,6 +276,8 @@ def sample(
         POOL.labels(name, "idle").set(pool["connections_idle"])
         QUEUE.labels(name).set(pool["queued"])
         EJECTED.labels(name).set(1 if upstream.outlier.ejected(now) else 0)
+        if "shared_slots" in pool:
+            SHARED_SLOTS.labels(name).set(pool["shared_slots"])
 
 
 def exposition() -> bytes:
