@@ -37,6 +37,8 @@ from gateway.testing import wait_until_ready
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO_ADDRESS = "http://127.0.0.1:8080"
+# Variables whose value must have a shape (a URL) to pass check-config.
+_DUMMIES = {"REDIS_URL": "redis://127.0.0.1:6379/0"}
 SKIP_MARKER = re.compile(r"<!--\s*readme-test:\s*skip\s*\((.+)\)\s*-->")
 RUNNABLE = {"python", "sh", "bash", "yaml"}
 NOT_CODE = {"text"}
@@ -186,7 +188,10 @@ def check_answer(block: Block, command: str, output: str) -> None:
 def test_yaml_block_is_a_valid_config(block: Block, tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text(block.code)
-    dummies = {name: f"dummy-{name.lower()}" for name in re.findall(r"\$\{(\w+)\}", block.code)}
+    dummies = {
+        name: _DUMMIES.get(name, f"dummy-{name.lower()}")
+        for name in re.findall(r"\$\{(\w+)\}", block.code)
+    }
     run = subprocess.run(
         [llm_gateway(), "check-config", str(config)],
         env={**os.environ, **dummies},

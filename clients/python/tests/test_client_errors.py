@@ -146,6 +146,7 @@ async def test_a_full_queue_is_overloaded(
 async def test_an_ejected_upstream_is_overloaded_through_langchain(gateway: GatewayFactory) -> None:
     data = routes(("m", "sim@status=500", {}))
     data["upstreams"][0]["outlier"] = {"consecutive_failures": 1, "base_ejection_s": 5}
+    data["routes"][0]["outlier_mode"] = "fail_fast"  # the default (panic) would still send it
     server = gateway(data)
     llm = chat_openai("m", base_url=f"{server.url}/v1")
     try:
