@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from gateway.config_loader import ConfigError, Reader, got, read_yaml
 
@@ -398,16 +398,22 @@ def _read_outlier(r: Reader) -> OutlierPolicy:
     return policy
 
 
+def _url_parts(url: str, schemes: tuple[str, ...]) -> SplitResult | None:
+    """The URL's parts if it has one of `schemes`, a host and a valid port; else None."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in schemes and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. a non-numeric port
+        return None
+    return parts if valid else None
+
+
 def _read_base_url(r: Reader) -> str:
     url = r.text("base_url")
     if not url:
         return ""
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # e.g. a non-numeric port
-        valid = False
-    if not valid:  # the URL is not quoted: it may carry credentials
+    parts = _url_parts(url, ("http", "https"))
+    if parts is None:  # the URL is not quoted: it may carry credentials
         r.error("base_url", "must be an http:// or https:// URL with a host")
     elif parts.query or parts.fragment:
         r.error("base_url", "must not have a query or fragment")
@@ -441,13 +447,9 @@ def _read_redis_url(r: Reader) -> str:
     url = r.text("redis_url", secret=True)
     if not url:
         return ""
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # e.g. a non-numeric port
-        valid = False
-    db = parts.path.lstrip("/") if valid else ""
-    if not valid:
+    parts = _url_parts(url, ("redis", "rediss"))
+    db = parts.path.lstrip("/") if parts is not None else ""
+    if parts is None:
         r.error("redis_url", "must be a redis:// or rediss:// URL with a host")
     elif db and not db.isdigit():
         r.error("redis_url", "the path must be a database number (redis://host:6379/0)")
