@@ -70,6 +70,8 @@ COUNTERS = {
     "llm_gateway_tokens",
     "llm_gateway_attempts_skipped",
     "llm_gateway_hedges",
+    "llm_gateway_upstream_ejections",
+    "llm_gateway_panic_routed",
     "llm_gateway_shared_ops",
 }
 HISTOGRAMS = {
