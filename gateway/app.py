@@ -23,7 +23,7 @@ from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, 
 from gateway.inflight import Inflight
 from gateway.lifecycle import Lifecycle
 from gateway.observability import metrics
-from gateway.reload import Reloader
+from gateway.reload import Reloader, listen_for_sighup
 from gateway.runtime import Runtime
 from gateway.shared import SharedSlots
 from gateway.shared.policy import per_worker
@@ -125,7 +125,7 @@ def create_app(
         for upstream in runtime.current.upstreams.values():
             await upstream.open()
         lifecycle.started()
-        restore_sighup = reloader.listen_for_sighup() if reloader is not None else None
+        restore_sighup = listen_for_sighup(reloader)
         app.state.ready = True
         try:
             async with anyio.create_task_group() as group:
@@ -140,8 +140,7 @@ def create_app(
                 group.cancel_scope.cancel()
         finally:
             app.state.ready = False
-            if restore_sighup is not None:
-                restore_sighup()
+            restore_sighup()
             for upstream in runtime.all_upstreams():
                 await upstream.aclose()
 

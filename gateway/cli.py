@@ -134,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as error:
             _print_errors(path, error)
             return 1
-        os.environ[_CONFIG_ENV] = str(path.resolve())
+        os.environ[_CONFIG_ENV] = str(path.absolute())  # not resolved: a ConfigMap swaps links
         log_format = log_format or config.server.log_format
         server = config.server
     else:

@@ -114,23 +114,11 @@ class Reloader:
         runtime.current.file_hash = file_hash(path.read_bytes())  # at start-up, before the loop
         metrics.record_config_generation(runtime.current.number)
 
-    def listen_for_sighup(self) -> Callable[[], None]:
-        """SIGHUP asks for a reload (main thread only; a server run in a test thread has
-        none); returns what puts the previous handler back."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_sighup(sig: int, frame: FrameType | None) -> None:
-            self._pending = True
-            if self._wake is not None:
-                self._wake()
-
-        previous = signal.signal(signal.SIGHUP, on_sighup)
-
-        def restore() -> None:
-            signal.signal(signal.SIGHUP, previous)
-
-        return restore
+    def request(self) -> None:
+        """Ask for a reload (from a signal handler)."""
+        self._pending = True
+        if self._wake is not None:
+            self._wake()
 
     async def run(self) -> None:
         """Until cancelled: reload when asked (SIGHUP) or, watching, when the file changed."""
@@ -239,6 +227,27 @@ class Reloader:
             "last_error": self.last_error,
             "config": describe_config(current.config).splitlines(),
         }
+
+
+def listen_for_sighup(reloader: Reloader | None) -> Callable[[], None]:
+    """SIGHUP asks `reloader` for a reload (without one, serving the demo, it is said and
+    ignored, not fatal); main thread only (a server run in a test thread has none). Returns
+    what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sighup(sig: int, frame: FrameType | None) -> None:
+        if reloader is None:
+            LOG.warning("SIGHUP: no config file to reload (serving the built-in demo)")
+        else:
+            reloader.request()
+
+    previous = signal.signal(signal.SIGHUP, on_sighup)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore
 
 
 def _changes(before: Any, after: Any, old: Config, new: Config) -> dict[str, str]:
