@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, TracesConfig
 from gateway.deadline import clock
 from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, envelope
 from gateway.inflight import Inflight
@@ -29,6 +30,9 @@ from gateway.shared import SharedSlots
 from gateway.shared.policy import per_worker
 from gateway.shared.redis_store import RedisSlotStore
 from gateway.simulator import create_simulator_app
+
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -54,7 +58,8 @@ def create_app(
     metrics.enable(config.server.metrics)
     inflight_registry = Inflight()
     lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
-    runtime = Runtime(config, inflight=inflight_registry, shared=shared)
+    tracing = _tracing(config.telemetry.traces)
+    runtime = Runtime(config, inflight=inflight_registry, shared=shared, tracing=tracing)
     reloader = None
     if config_path is not None:
         reloader = Reloader(runtime, lifecycle, config_path, workers=workers, watch=watch_config)
@@ -143,6 +148,8 @@ def create_app(
             restore_sighup()
             for upstream in runtime.all_upstreams():
                 await upstream.aclose()
+            if tracing is not None:  # the last spans go out (bounded: 5 s)
+                await anyio.to_thread.run_sync(tracing.shutdown)
 
     app = Starlette(
         routes=routes,
@@ -155,6 +162,20 @@ def create_app(
     )
     app.state.runtime = runtime
     return GatewayApp(app, runtime, lifecycle, reloader)
+
+
+def _tracing(config: TracesConfig | None) -> Tracing | None:
+    """OpenTelemetry is imported here, only when traces are configured."""
+    if config is None:
+        return None
+    try:
+        from gateway.observability.tracing import Tracing
+    except ImportError as error:
+        raise ConfigError(
+            f"telemetry.traces: OpenTelemetry is not installed ({error.name}): "
+            "pip install 'llm-gateway[otel]'"
+        ) from None
+    return Tracing(config)
 
 
 class GatewayApp:

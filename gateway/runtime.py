@@ -33,6 +33,7 @@ from gateway.routing import Router
 from gateway.upstream import Upstream
 
 if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
     from gateway.shared import SharedSlots
 
 
@@ -68,10 +69,12 @@ class Runtime:
         *,
         inflight: Inflight,
         shared: SharedSlots | None = None,
+        tracing: Tracing | None = None,
         file_hash: str | None = None,
     ) -> None:
         self.inflight = inflight  # one registry for every generation: a drain sees them all
-        self.shared = shared
+        self.shared = shared  # the shared store and the tracer live as long as the process
+        self.tracing = tracing
         self.current = self._build(1, config, {}, None, file_hash)
         self._retiring: list[Generation] = []  # replaced, with requests still in flight
         self.group: TaskGroup | None = None  # the lifespan's: where removed pools close
@@ -144,6 +147,7 @@ class Runtime:
             router=Router(config, previous=router),
             upstreams=upstreams,
             inflight=self.inflight,
+            tracing=self.tracing,
         )
         endpoints = {f"/v1/{path}": ProxyEndpoint(gateway, api) for path, api in APIS.items()}
         return Generation(
