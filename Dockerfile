@@ -18,7 +18,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY gateway ./gateway
-RUN /opt/venv/bin/pip install -c constraints.txt .
+# With the [otel] extra: traces are one config section away (telemetry.traces).
+RUN /opt/venv/bin/pip install -c constraints.txt '.[otel]'
 
 # Final: the virtualenv on a clean slim image, run as an unprivileged user.
 FROM ${PYTHON_IMAGE}
@@ -35,4 +36,5 @@ EXPOSE 8080
 # (the simulator: http://127.0.0.1:8000/v1/models).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['LLM_GATEWAY_HEALTH_URL'], timeout=2).close()"]
-CMD ["llm-gateway", "serve", "--config", "/etc/llm-gateway/gateway.yaml", "--host", "0.0.0.0", "--port", "8080"]
+# --watch-config: an edit of the mounted config (or of its Kubernetes ConfigMap) reloads it.
+CMD ["llm-gateway", "serve", "--config", "/etc/llm-gateway/gateway.yaml", "--host", "0.0.0.0", "--port", "8080", "--watch-config"]

@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -16,49 +18,58 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, TracesConfig
 from gateway.deadline import clock
 from gateway.errors import BadRequest, GatewayError, InternalError, Overloaded, envelope
 from gateway.inflight import Inflight
 from gateway.lifecycle import Lifecycle
 from gateway.observability import metrics
-from gateway.protocols.api import APIS
-from gateway.proxy import Gateway, ProxyEndpoint
-from gateway.routing import Router
+from gateway.reload import Reloader, listen_for_sighup
+from gateway.runtime import Runtime
 from gateway.shared import SharedSlots
 from gateway.shared.policy import per_worker
 from gateway.shared.redis_store import RedisSlotStore
 from gateway.simulator import create_simulator_app
-from gateway.upstream import Upstream
+
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
 SIMULATOR_PREFIX = "/sim-upstream"
 
 
-def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1) -> GatewayApp:
+def create_app(
+    config: Config,
+    *,
+    with_simulator: bool = False,
+    workers: int = 1,
+    config_path: Path | None = None,
+    watch_config: bool = False,
+) -> GatewayApp:
     """The gateway for `config`; `with_simulator` also serves the simulator (the demo).
-    `workers`: the processes `serve` runs, which share each cap (DESIGN §4, gateway.shared)."""
+    `workers`: the processes `serve` runs, which share each cap (DESIGN §4, gateway.shared).
+    `config_path`: the file `config` came from, reloaded on SIGHUP (and, with
+    `watch_config`, when it changes: gateway.reload)."""
     config = per_worker(config, workers)  # without `shared`, each worker takes its share
     shared = None
     if config.shared is not None:
         shared = SharedSlots(RedisSlotStore(config.shared), config.shared, workers=workers)
-    upstreams = {
-        spec.name: Upstream(spec, shared.gate(spec.name, spec.max_connections) if shared else None)
-        for spec in config.upstreams
-    }
     metrics.enable(config.server.metrics)
     inflight_registry = Inflight()
     lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
-    gateway = Gateway(
-        config=config, router=Router(config), upstreams=upstreams, inflight=inflight_registry
-    )
+    tracing = _tracing(config.telemetry.traces)
+    runtime = Runtime(config, inflight=inflight_registry, shared=shared, tracing=tracing)
+    reloader = None
+    if config_path is not None:
+        reloader = Reloader(runtime, lifecycle, config_path, workers=workers, watch=watch_config)
     created = int(time.time())
     created_at = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat()
 
     async def models(request: Request) -> Response:
         """The routes, in a list both the `openai` and the `anthropic` SDK read (each ignores
         the other's fields), so the key is taken as either sends it too."""
+        gateway = runtime.current.gateway
         gateway.authenticate(request.headers, key_header="x-api-key")
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "llm-gateway"}
@@ -79,28 +90,34 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
     async def scrape(request: Request) -> Response:
         if not config.server.metrics:
             raise HTTPException(404)
-        metrics.sample(
-            gateway.inflight.exchanges(),
-            upstreams,
-            now=clock(),
-            stall_s=config.server.stall_warn_s,
-        )
+        _sample(runtime)
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     async def inflight(request: Request) -> Response:
+        gateway = runtime.current.gateway
         gateway.authenticate(request.headers)  # it lists request ids and routes
-        pools = {name: upstream.pool_state() for name, upstream in upstreams.items()}
+        pools = {name: upstream.pool_state() for name, upstream in gateway.upstreams.items()}
         return JSONResponse({"inflight": gateway.inflight.snapshot(), "pools": pools})
 
-    proxied = {f"/v1/{path}": ProxyEndpoint(gateway, api) for path, api in APIS.items()}
+    async def debug_config(request: Request) -> Response:
+        current = runtime.current
+        current.gateway.authenticate(request.headers)  # it names upstreams, routes and keys
+        if reloader is not None:
+            return JSONResponse(reloader.status())
+        return JSONResponse({"generation": current.number, "file": None, "last_error": None})
+
+    # The proxied paths are served by GatewayApp from the current generation; these routes
+    # only answer a wrong method (405) for them.
     routes: list[BaseRoute] = [
-        Route(path, endpoint, methods=["POST"]) for path, endpoint in proxied.items()
+        Route(path, endpoint, methods=["POST"])
+        for path, endpoint in runtime.current.endpoints.items()
     ]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/debug/inflight", inflight, methods=["GET"]),
+        Route("/debug/config", debug_config, methods=["GET"]),
         Route("/metrics", scrape, methods=["GET"]),
     ]
     if with_simulator:
@@ -110,22 +127,29 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if config.auth is None:
             log.warning("No auth.keys configured: the gateway is open to anyone who can reach it.")
-        for upstream in upstreams.values():
+        for upstream in runtime.current.upstreams.values():
             await upstream.open()
         lifecycle.started()
+        restore_sighup = listen_for_sighup(reloader)
         app.state.ready = True
         try:
             async with anyio.create_task_group() as group:
+                runtime.group = group  # removed upstreams close here once drained
                 if shared is not None:  # leases renewed, freed slots heard of
                     await group.start(shared.run)
                 if config.server.metrics:  # gauges rise while a request hangs, not after it
-                    group.start_soon(_sample_every_second, gateway, config.server.stall_warn_s)
+                    group.start_soon(_sample_every_second, runtime)
+                if reloader is not None:
+                    group.start_soon(reloader.run)
                 yield
                 group.cancel_scope.cancel()
         finally:
             app.state.ready = False
-            for upstream in upstreams.values():
+            restore_sighup()
+            for upstream in runtime.all_upstreams():
                 await upstream.aclose()
+            if tracing is not None:  # the last spans go out (bounded: 5 s)
+                await anyio.to_thread.run_sync(tracing.shutdown)
 
     app = Starlette(
         routes=routes,
@@ -136,34 +160,59 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
             Exception: _internal_error,
         },
     )
-    app.state.gateway = gateway
-    return GatewayApp(app, proxied, lifecycle)
+    app.state.runtime = runtime
+    return GatewayApp(app, runtime, lifecycle, reloader)
+
+
+def _tracing(config: TracesConfig | None) -> Tracing | None:
+    """OpenTelemetry is imported here, only when traces are configured."""
+    if config is None:
+        return None
+    try:
+        from gateway.observability.tracing import Tracing
+    except ImportError as error:
+        raise ConfigError(
+            f"telemetry.traces: OpenTelemetry is not installed ({error.name}): "
+            "pip install 'llm-gateway[otel]'"
+        ) from None
+    return Tracing(config)
 
 
 class GatewayApp:
-    """The ASGI app: proxied calls go straight to their endpoint, so the hot path skips
-    Starlette's middleware and routing; everything else (lifespan, other paths, a proxied
-    path with the wrong method) goes to the Starlette app."""
+    """The ASGI app: proxied calls go straight to their endpoint in the current generation
+    (gateway.runtime), which the request keeps to its end, so the hot path skips Starlette's
+    middleware and routing; everything else (lifespan, other paths, a proxied path with the
+    wrong method) goes to the Starlette app."""
 
     def __init__(
-        self, app: Starlette, proxied: dict[str, ProxyEndpoint], lifecycle: Lifecycle
+        self,
+        app: Starlette,
+        runtime: Runtime,
+        lifecycle: Lifecycle,
+        reloader: Reloader | None = None,
     ) -> None:
         self.starlette = app
-        self._proxied = proxied
+        self.runtime = runtime
         self.lifecycle = lifecycle
+        self.reloader = reloader
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _ambiguous_framing(scope["headers"]):
             await _refuse_framing(send)
             return
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self._proxied.get(scope["path"])
+            generation = self.runtime.current
+            endpoint = generation.endpoints.get(scope["path"])
             if endpoint is not None and self.lifecycle.cut:  # stopping: no new work
                 error = Overloaded("The gateway is shutting down.", code="shutting_down")
                 await _send_error(send, error, endpoint.api.errors.body(error))
                 return
             if endpoint is not None:
-                await endpoint(scope, receive, send)
+                generation.enter()
+                try:
+                    await endpoint(scope, receive, send)
+                finally:
+                    generation.leave()
                 return
         await self.starlette(scope, receive, send)
 
@@ -196,14 +245,19 @@ async def _send_error(send: Send, error: GatewayError, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _sample_every_second(gateway: Gateway, stall_s: float) -> None:
+def _sample(runtime: Runtime) -> None:
+    current = runtime.current
+    metrics.sample(
+        runtime.inflight.exchanges(),
+        current.upstreams,
+        now=clock(),
+        stall_s=current.config.server.stall_warn_s,
+    )
+
+
+async def _sample_every_second(runtime: Runtime) -> None:
     while True:
-        metrics.sample(
-            gateway.inflight.exchanges(),
-            gateway.upstreams,
-            now=clock(),
-            stall_s=stall_s,
-        )
+        _sample(runtime)
         await anyio.sleep(1)
 
 

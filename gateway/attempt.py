@@ -21,6 +21,7 @@ from gateway.deadline import clock, timeout_header_ms
 from gateway.delivery import Delivery
 from gateway.errors import BudgetExceeded, GatewayError, UpstreamFailed
 from gateway.inflight import Attempt, Exchange
+from gateway.observability.trace_context import new_span_id
 from gateway.protocols.api import Api, Translation
 from gateway.routing import RouteState
 from gateway.upstream import (
@@ -100,6 +101,8 @@ class AttemptRunner:
         exchange.upstream = upstream.name
         exchange.phase = "queued"
         record = Attempt(upstream.name, target.model, queued_at=clock())
+        if exchange.trace is not None:  # traced: the span this attempt's traceparent names
+            record.span_id = new_span_id()
         exchange.attempt_log.append(record)
         try:
             await upstream.bulkhead.acquire(exchange.budget.deadline.at)
@@ -165,7 +168,9 @@ class AttemptRunner:
             if not self.streamed:  # a whole answer: the attempt and the deadline bound it
                 await self._exchange_whole(upstream, translation, target, record, race)
                 return
-            headers = self._headers(upstream, translation, attempt_end - started - budget.margin_s)
+            headers = self._headers(
+                upstream, translation, attempt_end - started - budget.margin_s, record.span_id
+            )
             body = translation.request(self.body, self.payload, target.model, stream=True)
             rules = self.api.stream
             assert rules is not None  # streamed
@@ -177,7 +182,7 @@ class AttemptRunner:
             with anyio.CancelScope(
                 deadline=first_due if first_due < attempt_end else math.inf
             ) as first_scope:
-                response = await self._send(upstream, translation, body, headers, started)
+                response = await self._send(upstream, translation, body, headers, record)
                 events = ContentEvents(
                     response,
                     rules,
@@ -234,9 +239,9 @@ class AttemptRunner:
         budget = self.exchange.budget
         attempt_end = min(record.started + budget.attempt_s, budget.deadline.at)
         timeout_s = attempt_end - clock() - budget.margin_s
-        headers = self._headers(upstream, translation, timeout_s, streamed=False)
+        headers = self._headers(upstream, translation, timeout_s, record.span_id, streamed=False)
         body = translation.request(self.body, self.payload, target.model, stream=False)
-        response = await self._send(upstream, translation, body, headers, record.started)
+        response = await self._send(upstream, translation, body, headers, record)
         try:
             if race is not None and not race.claim(target):
                 return  # the other attempt of a hedge had its token first
@@ -252,18 +257,21 @@ class AttemptRunner:
         upstream: Upstream,
         translation: Translation,
         timeout_s: float,
+        span_id: str | None,
         *,
         streamed: bool = True,
     ) -> dict[str, str]:
-        """An attempt's headers. Of the client's: the trace context, the protocol's own
-        (`openai-beta`, `anthropic-version`) and what the upstream's `forward_headers` names;
-        a client must not pick what is billed under the gateway's key."""
+        """An attempt's headers. Of the client's: the trace context (traced: naming the
+        attempt's own span instead), the protocol's own (`openai-beta`, `anthropic-version`)
+        and what the upstream's `forward_headers` names; a client must not pick what is billed
+        under the gateway's key."""
+        trace = self.exchange.trace
         headers = {
             "content-type": "application/json",
             "accept": "text/event-stream" if streamed else "application/json",
             "x-request-id": self.exchange.request_id,
             "x-request-timeout-ms": timeout_header_ms(timeout_s),
-            **self.trace_headers,
+            **(self.trace_headers if trace is None or span_id is None else trace.headers(span_id)),
             **{
                 name: value
                 for name in (*translation.forwarded, *upstream.config.forward_headers)
@@ -280,12 +288,13 @@ class AttemptRunner:
         translation: Translation,
         body: bytes,
         headers: dict[str, str],
-        started: float,
+        record: Attempt,
     ) -> aiohttp.ClientResponse:
         """Send the attempt; its response once the headers are in, or its error status."""
         exchange = self.exchange
         response = await upstream.send(translation.path, body, headers)
-        exchange.upstream_s = clock() - started
+        record.connected_at = clock()
+        exchange.upstream_s = record.connected_at - record.started
         exchange.phase = "waiting_first_token"
         if response.status >= 400:
             try:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -23,6 +24,7 @@ from gateway.http_server import HeaderTimeoutProtocol
 from gateway.observability import logs, metrics
 from gateway.shared.policy import per_worker_line
 from gateway.simulator import create_simulator_app
+from gateway.supervisor import Workers
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 # How `serve` hands its choice to the app factory, which runs in every worker process.
@@ -31,6 +33,7 @@ _DEMO_URL_ENV = "LLM_GATEWAY_SERVE_DEMO_URL"
 _LOG_LEVEL_ENV = "LLM_GATEWAY_SERVE_LOG_LEVEL"
 _LOG_FORMAT_ENV = "LLM_GATEWAY_SERVE_LOG_FORMAT"
 _WORKERS_ENV = "LLM_GATEWAY_SERVE_WORKERS"
+_WATCH_ENV = "LLM_GATEWAY_SERVE_WATCH_CONFIG"
 # After the gateway's own drain (server.shutdown_grace_s, gateway.lifecycle), what uvicorn may
 # still wait for: nothing is in flight by then.
 _GRACEFUL_SHUTDOWN_S = 5
@@ -69,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--access-log", action="store_true", help="also uvicorn's own access line per request"
+    )
+    serve.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload the config when its file changes (SIGHUP always reloads it)",
     )
     check = commands.add_parser("check-config", help="validate a config and print its routes")
     check.add_argument("file", type=Path, help="the YAML config")
@@ -126,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as error:
             _print_errors(path, error)
             return 1
-        os.environ[_CONFIG_ENV] = str(path.resolve())
+        os.environ[_CONFIG_ENV] = str(path.absolute())  # not resolved: a ConfigMap swaps links
         log_format = log_format or config.server.log_format
         server = config.server
     else:
@@ -139,14 +147,15 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ[_LOG_LEVEL_ENV] = args.log_level
     os.environ[_LOG_FORMAT_ENV] = log_format = log_format or "text"
     os.environ[_WORKERS_ENV] = str(args.workers)
+    os.environ[_WATCH_ENV] = "1" if args.watch_config else ""
     logs.configure(args.log_level, log_format)
     if path is not None and (line := per_worker_line(config, args.workers)):
         logging.getLogger("gateway").info("%s", line)  # said once, not by every worker
+    if path is None and args.watch_config:
+        logging.getLogger("gateway").warning("--watch-config: no config file to watch (demo)")
     loop, http = _server_stack()
     with _metrics_shared_by(args.workers):
-        uvicorn.run(
-            "gateway.cli:app_factory",
-            factory=True,
+        settings: dict[str, Any] = dict(
             host=args.host,
             port=args.port,
             workers=args.workers,
@@ -159,6 +168,11 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_keep_alive=max(1, round(server.keepalive_s)),
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         )
+        if args.workers > 1:  # SIGHUP reloads the workers rather than replacing them
+            supervised = uvicorn.Config("gateway.cli:app_factory", factory=True, **settings)
+            Workers(supervised, sockets=[supervised.bind_socket()]).run()
+        else:
+            uvicorn.run("gateway.cli:app_factory", factory=True, **settings)
     return 0
 
 
@@ -193,7 +207,12 @@ def app_factory() -> GatewayApp:
     if path is not None:
         config = load_config(path)
         HeaderTimeoutProtocol.header_timeout_s = config.server.header_timeout_s
-        return create_app(config, workers=int(os.environ.get(_WORKERS_ENV, "1")))
+        return create_app(
+            config,
+            workers=int(os.environ.get(_WORKERS_ENV, "1")),
+            config_path=Path(path),
+            watch_config=bool(os.environ.get(_WATCH_ENV)),
+        )
     return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
 
 

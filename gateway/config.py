@@ -40,6 +40,8 @@ __all__ = [
     "ServerConfig",
     "SharedConfig",
     "Target",
+    "TelemetryConfig",
+    "TracesConfig",
     "UpstreamConfig",
     "describe_config",
     "load_config",
@@ -201,6 +203,23 @@ class SharedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TracesConfig:
+    """`telemetry.traces`: OpenTelemetry spans exported over OTLP/HTTP (gateway.observability
+    .tracing). `endpoint` None: the standard OTEL_EXPORTER_OTLP_* variables say where."""
+
+    endpoint: str | None = None  # the collector's base URL; /v1/traces is added
+    sample_ratio: float = 1.0  # of traces the gateway starts; a caller's choice is followed
+    capture_content: bool = False  # record the request's messages on the span
+
+
+@dataclass(frozen=True, kw_only=True)
+class TelemetryConfig:
+    """`telemetry`: traces are off (`traces` None) unless configured."""
+
+    traces: TracesConfig | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole gateway configuration, as `load_config` returns it."""
 
@@ -209,6 +228,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     routes: tuple[Route, ...] = ()
     shared: SharedConfig | None = None  # None: each process keeps its own caps
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -249,11 +269,17 @@ def parse_config(data: object, env: Mapping[str, str]) -> Config:
         routes.append(_read_route(r, names, server.deadline.max_s))
         _unique(r, "model", routes[-1].model, seen, f'route model "{routes[-1].model}"')
     shared = _read_shared(top.section("shared")) if top.has("shared") and top.ok("shared") else None
+    telemetry = _read_telemetry(top.section("telemetry"))
     top.unknown_keys()
     if errors:
         raise ConfigError(errors)
     return Config(
-        server=server, auth=auth, upstreams=tuple(upstreams), routes=tuple(routes), shared=shared
+        server=server,
+        auth=auth,
+        upstreams=tuple(upstreams),
+        routes=tuple(routes),
+        shared=shared,
+        telemetry=telemetry,
     )
 
 
@@ -458,6 +484,26 @@ def _read_redis_url(r: Reader) -> str:
     return url
 
 
+def _read_telemetry(r: Reader) -> TelemetryConfig:
+    traces = None
+    if r.has("traces") and r.ok("traces"):
+        t = r.section("traces")
+        default = TracesConfig()
+        endpoint = t.optional_text("endpoint")
+        if endpoint is not None:
+            parts = urlsplit(endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                t.error("endpoint", "must be an http:// or https:// URL (OTLP/HTTP, port 4318)")
+        traces = TracesConfig(
+            endpoint=endpoint.rstrip("/") if endpoint else None,
+            sample_ratio=t.number("sample_ratio", default.sample_ratio, minimum=0, maximum=1),
+            capture_content=t.boolean("capture_content", default.capture_content),
+        )
+        t.unknown_keys()
+    r.unknown_keys()
+    return TelemetryConfig(traces=traces)
+
+
 def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
     model = r.text("model")
     targets: list[Target] = []
@@ -604,6 +650,13 @@ def describe_config(config: Config) -> str:
             f"shared: redis_url={_mask_url(shared.redis_url)} key_prefix={shared.key_prefix!r} "
             f"timeout_s={_num(shared.timeout_s)} lease_ttl_s={_num(shared.lease_ttl_s)} "
             f"on_failure={shared.on_failure} expected_replicas={shared.expected_replicas}"
+        )
+    traces = config.telemetry.traces
+    if traces is not None:
+        lines.append(
+            f"telemetry: traces endpoint={_mask_url(traces.endpoint or 'OTEL_EXPORTER_OTLP_*')} "
+            f"sample_ratio={_num(traces.sample_ratio)} "
+            f"capture_content={str(traces.capture_content).lower()}"
         )
     for u in config.upstreams:
         lines.append(

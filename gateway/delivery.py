@@ -18,6 +18,7 @@ from gateway import jsonbody
 from gateway.deadline import clock
 from gateway.errors import BudgetExceeded, GatewayError, UpstreamFailed
 from gateway.inflight import Attempt, Exchange
+from gateway.observability.trace_context import finish_reasons
 from gateway.protocols.api import Api, Assembly, Translation
 from gateway.responses import ResponseWriter
 from gateway.sse import Event
@@ -53,6 +54,8 @@ class Delivery:
         return usage if isinstance(usage, dict) else None
 
     async def whole(self, content_type: str, body: bytes) -> None:
+        if self.exchange.trace is not None:  # traced: the span says why the answer ended
+            self.exchange.finish_reasons = finish_reasons(body)
         self.exchange.committed = self.exchange.finishing = True
         await self.writer.whole(200, self._success_headers(content_type), body)
 
@@ -65,6 +68,7 @@ class Delivery:
         await self.writer.start(200, self._success_headers("text/event-stream"))
         exchange.committed = True
         batch: list[Event] | None = first
+        traced = exchange.trace is not None
         with anyio.CancelScope() as idle_scope:
             watchdog = IdleWatchdog(idle_scope, idle_s)
             try:
@@ -72,6 +76,8 @@ class Delivery:
                     last = events.ended
                     exchange.finishing = last
                     raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
+                    if traced and (reasons := finish_reasons(raw)):
+                        exchange.finish_reasons = reasons
                     await self.writer.body(raw, more=not last)
                     if last:
                         exchange.usage = events.usage

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import anyio
 
 from gateway.deadline import RequestBudget, clock
+from gateway.observability.trace_context import RequestTrace
 
 Phase = Literal["queued", "connecting", "waiting_first_token", "streaming", "done"]
 
@@ -28,6 +29,8 @@ class Attempt:
     ended: float = 0.0
     ttft_s: float | None = None  # from the slot to the first token
     max_gap_s: float | None = None  # streams: the longest gap between content events
+    connected_at: float = 0.0  # the upstream's response headers arrived
+    span_id: str | None = None  # traced: its span, named in the traceparent sent upstream
 
 
 @dataclass(eq=False, kw_only=True)
@@ -52,7 +55,9 @@ class Exchange:
     attempt_log: list[Attempt] = field(default_factory=list)
     backoff_s: float = 0.0  # slept between attempts
     usage: dict[str, Any] | None = None  # the upstream's token counts, when it reported them
-    trace_id: str | None = None  # from the client's W3C traceparent
+    trace_id: str | None = None  # from the client's W3C traceparent (or a trace we started)
+    trace: RequestTrace | None = None  # traced and sampled (gateway.observability.tracing)
+    finish_reasons: list[str] | None = None  # traced: why the answer ended
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason)
     hedge: str | None = None  # not_needed, fired, won or lost
     panic_routed: bool = False  # sent to an ejected target because every target was out

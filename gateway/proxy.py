@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -39,6 +39,9 @@ from gateway.responses import ClientGone, ResponseWriter
 from gateway.routing import Router
 from gateway.upstream import Upstream
 
+if TYPE_CHECKING:  # imported only when traces are configured
+    from gateway.observability.tracing import Tracing
+
 
 @dataclass(frozen=True, slots=True)
 class Gateway:
@@ -48,6 +51,7 @@ class Gateway:
     router: Router
     upstreams: Mapping[str, Upstream]
     inflight: Inflight
+    tracing: Tracing | None = None  # `telemetry.traces` configured
 
     def authenticate(self, headers: Mapping[str, str], key_header: str | None = None) -> None:
         """`Authorization: Bearer <key>`, or the endpoint's own key header (`x-api-key` on
@@ -109,6 +113,14 @@ class ProxyEndpoint:
             )
         except GatewayError as error:
             _finish(request_id, self.path, error.status, error.code, arrival)
+            if self.gateway.tracing is not None:
+                self.gateway.tracing.refused(
+                    trace_context(headers),
+                    path=self.path,
+                    status=error.status,
+                    code=error.code,
+                    arrival=arrival,
+                )
             timing = f"total;dur={(clock() - arrival) * 1000:.1f}"
             await writer.error(error, {**reply_headers, "server-timing": timing})
             return
@@ -117,6 +129,9 @@ class ProxyEndpoint:
             return
         trace = trace_context(headers)
         exchange.trace_id = trace_id(trace)
+        tracing = self.gateway.tracing
+        if tracing is not None and (traced := tracing.sample(trace)) is not None:
+            exchange.trace, exchange.trace_id = traced, traced.trace_id
         relay = Relay(
             exchange=exchange,
             route=route,
@@ -148,6 +163,15 @@ class ProxyEndpoint:
         else:
             outcome, status = "ok", 200
         _finish(request_id, self.path, status, outcome, arrival, exchange, exchange.trace_id)
+        if tracing is not None and exchange.trace is not None:
+            tracing.record(
+                exchange,
+                path=self.path,
+                status=status,
+                outcome=outcome,
+                upstreams=self.gateway.upstreams,
+                payload=payload,
+            )
 
     async def _admit(
         self, arrival: float, headers: Mapping[str, str], receive: Receive, request_id: str

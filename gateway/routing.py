@@ -18,9 +18,15 @@ class RouteState:
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, previous: Router | None = None) -> None:
+        """`previous`: the router of the config this one replaces; a route defined the same
+        keeps its state (a reload does not reset retry budgets or latency windows)."""
         self._routes = {route.model: route for route in config.routes}
         self._states = {route.model: RouteState(route) for route in config.routes}
+        if previous is not None:
+            for model, route in self._routes.items():
+                if previous._routes.get(model) == route:
+                    self._states[model] = previous._states[model]
 
     def state(self, route: Route) -> RouteState:
         return self._states[route.model]

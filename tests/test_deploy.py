@@ -433,7 +433,9 @@ def test_compose_wiring() -> None:
     cmd = exec_form(dict(dockerfile_stages()[-1])["CMD"])
     config_path = cmd[cmd.index("--config") + 1]
     assert config_path == "/etc/llm-gateway/gateway.yaml"
-    assert mounts("gateway")[config_path] == GATEWAY_CONFIG
+    # its directory is mounted, so an edit that replaces the file reaches --watch-config
+    assert "--watch-config" in cmd
+    assert mounts("gateway")[str(Path(config_path).parent)] / "gateway.yaml" == GATEWAY_CONFIG
     assert cmd[cmd.index("--port") + 1] == "8080"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
 
@@ -451,6 +453,35 @@ def test_compose_wiring() -> None:
     # the demo traffic: the loadgen script is mounted where the command runs it
     loadgen = services["loadgen"]
     assert mounts("loadgen")[loadgen["command"][1]] == LOADGEN
+
+
+def test_compose_traces_reach_jaeger_and_grafana() -> None:
+    """gateway -> otel-collector (OTLP/HTTP) -> jaeger (OTLP/gRPC) <- Grafana's data source."""
+    services = compose()["services"]
+    endpoint = urllib.parse.urlsplit(load_yaml(GATEWAY_CONFIG)["telemetry"]["traces"]["endpoint"])
+    assert endpoint.hostname == "otel-collector"
+    assert "otel-collector" in services["gateway"]["depends_on"]
+    collector = services["otel-collector"]
+    assert str(collector["image"]).startswith("otel/opentelemetry-collector")
+    config_arg = collector["command"][0].removeprefix("--config=")
+    collector_config = load_yaml(mounts("otel-collector")[config_arg])
+    receiver = collector_config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert receiver.endswith(f":{endpoint.port}")
+    assert str(endpoint.port) in collector["expose"]
+    (pipeline,) = collector_config["service"]["pipelines"].values()
+    assert pipeline["receivers"] == ["otlp"]
+    (exporter,) = pipeline["exporters"]
+    host, port = collector_config["exporters"][exporter]["endpoint"].split(":")
+    jaeger = services[host]
+    assert str(jaeger["image"]).startswith("jaegertracing/")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert port in jaeger["expose"]  # OTLP/gRPC
+    datasource = load_yaml(GRAFANA_DATASOURCES.parent / "jaeger.yaml")["datasources"][0]
+    assert datasource["type"] == "jaeger"
+    url = urllib.parse.urlsplit(datasource["url"])
+    assert url.hostname == host
+    assert f"{url.port}:{url.port}" in jaeger["ports"]  # the UI, also on the host
+    assert host in services["grafana"]["depends_on"]
 
 
 def test_loadgen_sends_to_the_configured_routes() -> None:
@@ -533,7 +564,7 @@ def test_dockerfile_install_steps_work_without_docker(tmp_path: Path) -> None:
         else:
             shutil.copy(path, context / source)
     (install,) = [args for instruction, args in builder if instruction == "RUN" and "pip" in args]
-    assert install == "/opt/venv/bin/pip install -c constraints.txt ."
+    assert install == "/opt/venv/bin/pip install -c constraints.txt '.[otel]'"  # traces on hand
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = shlex.split(install.replace("/opt/venv", str(venv)))
@@ -543,6 +574,7 @@ def test_dockerfile_install_steps_work_without_docker(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     (site_packages,) = venv.glob("lib/python*/site-packages")
+    assert (site_packages / "opentelemetry" / "exporter" / "otlp" / "proto" / "http").is_dir()
     for init in sorted((ROOT / "gateway").rglob("__init__.py")):
         package = init.parent.relative_to(ROOT)
         assert (site_packages / package / "__init__.py").exists(), (

@@ -160,6 +160,34 @@ def record_shared_up(up: bool) -> None:
         SHARED_UP.set(1 if up else 0)
 
 
+# Configuration reloads (gateway.reload) and the trace exporter (gateway.observability.tracing).
+CONFIG_GENERATION = Gauge(
+    f"{P}config_generation",
+    "Configurations loaded successfully so far by this worker (1 at start-up).",
+    multiprocess_mode="liveall",  # one series per worker: a lagging one shows
+)
+CONFIG_RELOADS = Counter(f"{P}config_reloads", "Reloads by outcome (ok, error).", ["outcome"])
+SPANS_DROPPED = Counter(
+    f"{P}trace_spans_dropped",
+    "Spans not delivered to the collector, by reason (export_failed, queue_full).",
+    ["reason"],
+)
+
+
+def record_config_generation(number: int) -> None:
+    CONFIG_GENERATION.set(number)
+
+
+def record_config_reload(outcome: str, generation: int | None) -> None:
+    _at(CONFIG_RELOADS, outcome).inc()
+    if generation is not None:
+        CONFIG_GENERATION.set(generation)
+
+
+def count_spans_dropped(reason: str, count: int) -> None:
+    _at(SPANS_DROPPED, reason).inc(count)
+
+
 _enabled = True
 # Bound children by label values: `.labels()` costs a tuple, a lock and a lookup on every call;
 # label values are config names and fixed words, so this stays small.
