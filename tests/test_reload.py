@@ -306,13 +306,15 @@ def test_workers_each_reload_in_place(tmp_path: Path, simulator: Simulator) -> N
 
 
 def _generations(url: str, count: int) -> dict[str, float]:
-    """pid -> config generation, once `count` workers report one."""
+    """pid -> config generation, once `count` workers report one (a worker still starting
+    reports 0: it has loaded nothing yet)."""
     deadline = time.monotonic() + 10
     pattern = re.compile(r'llm_gateway_config_generation\{pid="(\d+)"\} (\S+)')
     while True:
         found = dict(pattern.findall(httpx.get(f"{url}/metrics", timeout=5).text))
-        if len(found) >= count:
-            return {pid: float(value) for pid, value in found.items()}
+        loaded = {pid: float(value) for pid, value in found.items() if float(value) > 0}
+        if len(loaded) >= count:
+            return loaded
         assert time.monotonic() < deadline, found
         time.sleep(0.1)
 
