@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
 import threading
 import time
@@ -22,6 +24,29 @@ from gateway.testing import LiveServer as LiveServer  # the tests import both fr
 from gateway.testing import LiveSimulator
 
 Simulator = LiveSimulator
+
+# Where Debian puts daemons (nginx, redis-server): often not on a user's PATH.
+_SBIN = "/usr/sbin:/usr/local/sbin"
+
+
+def require_tool(name: str, *, package: str) -> str:
+    """The path of the system tool `name`, which a test drives as a real peer. Missing, the test
+    is skipped with a reason naming the Debian/Ubuntu `package` to install (`make test` installs
+    it when run as root: scripts/test-tools); under CI=true it fails instead, as CI installs
+    every tool and a skip there would hide a test that never ran."""
+    __tracebackhide__ = True  # the skip names the test's line, not this one
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:{_SBIN}")
+    if path is not None:
+        return path
+    reason = f"{name} is not installed: apt-get install {package} (or `make test` as root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must install it")
+    pytest.skip(reason)
+
+
+def require_redis_server() -> str:
+    """The path of redis-server, for the tests of state shared through Redis."""
+    return require_tool("redis-server", package="redis-server")
 
 
 class RawServer:
