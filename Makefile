@@ -16,7 +16,10 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/llm-gateway serve $(ARGS)
 
+# scripts/test-tools first: the system tools some tests drive (wrk, nginx, Prometheus,
+# redis-server), installed when run as root with apt-get, else named in one line (those skip).
 test: $(STAMP)
+	scripts/test-tools
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)

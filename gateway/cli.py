@@ -47,17 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     return handler[args.command](args)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, once: not for flags, nor where the help already says it (an
+    option whose default is worked out at start-up, kept as None here)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0 or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-gateway",
         description="A resilient OpenAI-compatible LLM gateway.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "serve", help="run the gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    serve = commands.add_parser("serve", help="run the gateway", formatter_class=_DefaultsHelp)
     serve.add_argument(
         "--config",
         type=Path,
@@ -83,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate",
         help="run the fault-injecting upstream simulator",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
     simulate.add_argument("--port", type=_port, default=8000, help="port to listen on")
@@ -222,8 +230,18 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as error:
         _print_errors(args.file, error)
         return 1
-    print(describe_config(config))  # noqa: T201 - the command's output
+    _print_output(describe_config(config))
     return 0
+
+
+def _print_output(text: str) -> None:
+    """Print a command's output. A reader that stopped early (`check-config ... | head`) is
+    not an error: the rest is dropped, and stdout is pointed at /dev/null so that Python's
+    flush at exit does not fail on the closed pipe again."""
+    try:
+        print(text, flush=True)  # noqa: T201 - the command's output
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,29 @@ from gateway.testing import LiveServer as LiveServer  # the tests import both fr
 from gateway.testing import LiveSimulator
 
 Simulator = LiveSimulator
+
+# Where Debian puts daemons (nginx, redis-server): often not on a user's PATH.
+_SBIN = "/usr/sbin:/usr/local/sbin"
+
+
+def require_tool(name: str, *, package: str) -> str:
+    """The path of the system tool `name`, which a test drives as a real peer. Missing, the test
+    is skipped with a reason naming the Debian/Ubuntu `package` to install (`make test` installs
+    it when run as root: scripts/test-tools); under CI=true it fails instead, as CI installs
+    every tool and a skip there would hide a test that never ran."""
+    __tracebackhide__ = True  # the skip names the test's line, not this one
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:{_SBIN}")
+    if path is not None:
+        return path
+    reason = f"{name} is not installed: apt-get install {package} (or `make test` as root)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must install it")
+    pytest.skip(reason)
+
+
+def require_redis_server() -> str:
+    """The path of redis-server, for the tests of state shared through Redis."""
+    return require_tool("redis-server", package="redis-server")
 
 
 class RawServer:
@@ -281,17 +305,10 @@ def free_port() -> int:
     return port
 
 
-# TODO(lead): swap for the shared "requires a system tool" helper once `make test` provisioning
-# lands; until then a missing redis-server skips with the one line that says what to install.
-def _require_redis_server() -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not found: install it (apt-get install redis-server)")
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One Redis for the test session; tests keep apart by key prefix."""
-    _require_redis_server()
+    require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -301,7 +318,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own, for tests that stop it."""
-    _require_redis_server()
+    require_redis_server()
     server = RedisServer(tmp_path)
     server.start()
     yield server

@@ -249,3 +249,45 @@ def test_help_shows_the_defaults() -> None:
     result = _cli("serve", "--help")
     assert "(default: 8080)" in result.stdout
     assert "(default: 1)" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate"])
+def test_help_shows_each_default_once(command: str) -> None:
+    result = _cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for line in result.stdout.splitlines():
+        assert line.count("(default:") <= 1, line
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text  # a flag has no default worth a word
+    if command == "serve":
+        assert "(default: ./gateway.yaml if present, else the built-in demo)" in text
+        assert "text or json (default: server.log_format)" in text
+        # --config, --host, --port, --workers, --log-level, --log-format
+        assert text.count("(default: ") == 6
+
+
+def test_check_config_into_a_pipe_closed_early(tmp_path: Path) -> None:
+    """`llm-gateway check-config FILE | head -3` on a config whose description is far longer
+    than a pipe holds: head exits after three lines, and the rest is dropped quietly."""
+    routes = "".join(
+        f"  - model: gpt-{i}\n    targets:\n      - {{upstream: primary, model: m-{i}}}\n"
+        for i in range(1000)
+    )
+    upstreams = VALID.split("routes:")[0].replace("${CLI_TEST_KEY}", "k")
+    config = write(tmp_path, f"{upstreams}routes:\n{routes}")
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as stderr:
+        check = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "check-config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    assert check.stdout is not None
+    head = subprocess.Popen(["head", "-3"], stdin=check.stdout, stdout=subprocess.PIPE)
+    check.stdout.close()  # head holds the only reading end: when it exits, the pipe closes
+    out, _ = head.communicate(timeout=30)
+    assert check.wait(timeout=30) == 0  # the config is valid; the reader left early
+    assert errors.read_text() == ""
+    assert out.decode().splitlines()[0].startswith("server: ")
+    assert len(out.splitlines()) == 3

@@ -33,6 +33,7 @@ from gateway.config import parse_config
 from gateway.testing import wait_until_ready
 from tests.conftest import Simulator
 from tests.test_cli import serving
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "llm-gateway.json"
@@ -172,19 +173,11 @@ def promql_expressions() -> list[str]:
     return list(dict.fromkeys(exprs))
 
 
-def promtool() -> str:
-    """Debian's promtool (package prometheus): the tests fail, not skip, without it."""
-    path = shutil.which("promtool") or (
-        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
-    )
-    if path is None:
-        pytest.fail("promtool not found: install it (Debian: apt-get install prometheus)")
-    return path
-
-
 def run_promtool(*args: str, cwd: Path = ROOT) -> str:
+    """Debian's promtool (package prometheus), as the test's real checker."""
+    promtool = require_tool("promtool", package="prometheus")
     result = subprocess.run(
-        [promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        [promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"

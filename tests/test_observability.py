@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -27,21 +26,18 @@ from tests.conftest import (
     debug_state,
     off_loop,
     one_route,
+    require_tool,
 )
 from tests.test_cli import free_port, serving
 from tests.test_resilience import scrape
 
 pytestmark = pytest.mark.anyio
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
 
 class Prometheus:
     """Debian's Prometheus on a loopback port, scraping `target` every 0.5 s."""
 
-    def __init__(self, target: str, workdir: Path) -> None:
-        if not Path(PROMETHEUS).exists():
-            pytest.fail("prometheus is not installed (CI installs Debian's prometheus package)")
+    def __init__(self, binary: str, target: str, workdir: Path) -> None:
         self.port = free_port()
         config = {
             "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
@@ -50,7 +46,7 @@ class Prometheus:
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.process = subprocess.Popen(
             [
-                PROMETHEUS,
+                binary,
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -110,11 +106,12 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus_for() -> Iterator[Any]:
+    binary = require_tool("prometheus", package="prometheus")
     started: list[Prometheus] = []
     with tempfile.TemporaryDirectory() as directory:
 
         def start(server: LiveServer) -> Prometheus:
-            prometheus = Prometheus(f"127.0.0.1:{server.port}", Path(directory))
+            prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", Path(directory))
             started.append(prometheus)
             return prometheus
 

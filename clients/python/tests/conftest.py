@@ -9,15 +9,19 @@ can run in one pytest session with the gateway's own `tests` package.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.testing import LiveServer as LiveServer  # the tests import both from here
-from gateway.testing import LiveSimulator
+from gateway.testing import LiveSimulator, wait_until_ready
 
 SLACK_S = 1.0  # scheduling noise: the tests share two cores with other test runs
 
@@ -61,6 +65,29 @@ def gateway(simulator: Simulator) -> Iterator[GatewayFactory]:
         server.request_exit()
     for server in started:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`llm-gateway serve` with no config, in an empty directory: the demo on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = shutil.which("llm-gateway", path=str(Path(sys.executable).parent))
+    assert command is not None, "the gateway is not installed in this environment"
+    server = subprocess.Popen(
+        [command, "serve", "--port", str(port)],
+        cwd=tmp_path_factory.mktemp("demo"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_ready(f"{url}/readyz", server), "llm-gateway serve did not get ready"
+        yield f"{url}/v1"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def routes(*specs: tuple[str, str, dict[str, float]], **upstream: Any) -> dict[str, Any]:

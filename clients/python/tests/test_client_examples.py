@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-from gateway.testing import wait_until_ready
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 FALLBACK = "Error: Downstream AI orchestration exceeded its execution time budget."
-
-
-@pytest.fixture(scope="module")
-def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`llm-gateway serve` with no config, in an empty directory: the demo on a free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = shutil.which("llm-gateway", path=str(Path(sys.executable).parent))
-    assert command is not None, "the gateway is not installed in this environment"
-    server = subprocess.Popen(
-        [command, "serve", "--port", str(port)],
-        cwd=tmp_path_factory.mktemp("demo"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until_ready(f"{url}/readyz", server), "llm-gateway serve did not get ready"
-        yield f"{url}/v1"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def run_all(demo_url: str, script: str, *variants: list[str]) -> list[tuple[str, float]]:
@@ -81,8 +52,10 @@ def test_financial_analyzer(demo_url: str) -> None:
     assert all(": ok: tok0" in line for line in lines[:3])
     assert "chunk 3: cut off at the deadline" in lines[3]
     assert "3 of 4 chunks analysed" in stream
-    assert batch_s < 1.5 + 1.5  # building the clients counts too
-    assert stream_s < 1.5 + 1.5
+    # The batch keeps its budget (test_client_budget holds the helpers to 50 ms; the scripts run
+    # two at once, each collecting its own garbage, hence the wider bound here).
+    assert 1.5 - 0.1 < batch_s < 1.5 + 0.1
+    assert 1.5 - 0.1 < stream_s < 1.5 + 0.1
 
 
 def test_orchestration(demo_url: str) -> None:

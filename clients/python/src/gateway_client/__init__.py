@@ -14,7 +14,12 @@ there), `_factories` (clients pointed at the gateway), `_batch` (partial results
 
 from gateway_client._batch import Completions, as_completed_within, gather_within
 from gateway_client._deadline import DeadlineExceeded, DeadlineScope, deadline, remaining
-from gateway_client._errors import GatewayError, GatewayTimeout, Overloaded
+from gateway_client._errors import (
+    GatewayError,
+    GatewayTimeout,
+    Overloaded,
+    RequestDeadlineExceeded,
+)
 from gateway_client._factories import (
     anthropic_client,
     async_anthropic,
@@ -32,6 +37,7 @@ __all__ = [
     "GatewayError",
     "GatewayTimeout",
     "Overloaded",
+    "RequestDeadlineExceeded",
     "anthropic_client",
     "as_completed_within",
     "async_anthropic",

@@ -32,7 +32,12 @@ NO_KEY = "no-key"  # the SDK insists on a key; a gateway without `auth` ignores 
 # (`x-stainless-read-timeout`), so the gateway, which knows which phase stalled, answers a
 # 504 first. Use `deadline()` for a bound on the whole call.
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
-DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+# An idle connection is dropped after 4 s, before the gateway closes it (`keepalive_s`, 5 s by
+# default): at equal timeouts a request could go out on a connection the gateway was closing,
+# and fail with a connection error that nothing retries (`max_retries=0`).
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4.0
+)
 
 
 def gateway_url(base_url: str | None = None) -> str:
