@@ -31,9 +31,8 @@ import yaml
 
 from gateway.config import parse_config
 from gateway.testing import wait_until_ready
-from tests.conftest import Simulator
+from tests.conftest import Simulator, require_tool
 from tests.test_cli import serving
-from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "llm-gateway.json"
