@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.simulator.answer import Api, BadRequest
 from gateway.simulator.asgi import read_body, run_until_disconnect, send_json, with_headers
@@ -35,12 +35,25 @@ class _Endpoint:
         }
         self._stats.started(headers, tuple(scope.get("client") or ()))
         outcome: Outcome = "cancelled"
+        open_ = True
+
+        async def counted(message: Message) -> None:
+            # A request stops being open when its last byte leaves, not when this handler
+            # returns a moment later: a gateway may already have sent the next one in its slot.
+            nonlocal open_
+            if open_ and message["type"] == "http.response.body" and not message.get("more_body"):
+                open_ = False
+                self._stats.closed()
+            await send(message)
+
         try:
             if (raw := await read_body(receive)) is not None:
-                send = partial(with_headers, send, self._api.headers())
+                send_counted = partial(with_headers, counted, self._api.headers())
                 respond = partial(self._respond, headers, raw)
-                outcome = await run_until_disconnect(respond, receive, send)
+                outcome = await run_until_disconnect(respond, receive, send_counted)
         finally:
+            if open_:
+                self._stats.closed()
             self._stats.finished(outcome)
         # On "reset" we return with the response unfinished: the server drops the connection.
 

@@ -53,6 +53,9 @@ class SimulatorStats:
         self.last_headers = headers
         self.last_body = None
 
-    def finished(self, outcome: Outcome) -> None:
+    def closed(self) -> None:
+        """The request's last byte went out (or it ended without one): no longer open."""
         self.open -= 1
+
+    def finished(self, outcome: Outcome) -> None:
         setattr(self, outcome, getattr(self, outcome) + 1)  # each outcome names its counter
