@@ -68,6 +68,11 @@ class Bulkhead:
     def pending(self) -> int:
         return len(self._waiters)
 
+    @property
+    def busy(self) -> int:
+        """Slots held: what a balancer weighs against `limit`."""
+        return self.active
+
     async def acquire(self, deadline: float = math.inf) -> None:
         """Take a slot, waiting in line if all are busy; shed at once if the line is full."""
         if self.active < self.limit and not self._waiters:
