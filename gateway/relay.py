@@ -27,6 +27,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -40,11 +41,11 @@ from gateway.inflight import Exchange
 from gateway.protocols.api import Api
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
-from gateway.resilience.balance import Member, affinity_key, choose, ranked
+from gateway.resilience.balance import Member, Pick, affinity_key, choose, ranked
 from gateway.resilience.outlier import Standing, passed_over
 from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition
-from gateway.upstream import Upstream
+from gateway.upstream import Bulkhead, Upstream
 
 _RNG = random.Random()  # backoff jitter
 
@@ -133,9 +134,10 @@ class Relay:
         previous: Target | None = None  # the target of the attempt just made
         ejected: list[float] = []  # seconds until each ejected target's probe
         state.retry_budget.record_request(clock())
-        while (target := self._next(previous)) is not None:
+        while (pick := self._next(previous)) is not None:
             if last is not None and failure_condition(last) not in route.retry.retry_on:
                 raise last
+            target = pick.target
             upstream = self.upstreams[target.upstream]
             number = self._tries[target] = self._tries.get(target, 0) + 1
             now = clock()
@@ -168,12 +170,17 @@ class Relay:
                 exchange.backoff_s += wait
                 await anyio.sleep(wait)
             previous = target
-            delay = self._hedge_delay(target) if number == 1 else None
+            queued_at: float | None = None
             try:
+                if len(pick.line) > 1:  # the whole pool is full: the first slot to free
+                    target, queued_at = await self._queue(pick.line, target)
+                    previous, upstream = target, self.upstreams[target.upstream]
+                # A request that waited for a full pool is not hedged: a hedge would wait too.
+                delay = self._hedge_delay(target) if number == 1 and queued_at is None else None
                 if delay is not None and self._left(besides=target):
                     await self._hedged(target, delay)
                 else:
-                    await self.attempts.run(upstream, target)
+                    await self.attempts.run(upstream, target, queued_at=queued_at)
                 return
             except GatewayError as error:
                 if exchange.committed:
@@ -200,12 +207,12 @@ class Relay:
             and target != besides
         ]
 
-    def _next(self, previous: Target | None, *, besides: Target | None = None) -> Target | None:
+    def _next(self, previous: Target | None, *, besides: Target | None = None) -> Pick | None:
         """The target of the next attempt (or of a hedge on `besides`), as the route's
         balance chooses; a balanced choice is counted (`exchange.picks`)."""
         left = self._left(besides=besides)
         if self.route.balance is None or not left:
-            return left[0][0] if left else None  # in order: each target a fallback
+            return Pick(left[0][0], None) if left else None  # in order: each a fallback
         now = clock()
         members = [self._member(target, rank, now) for target, rank in left]
         pick = choose(
@@ -220,7 +227,23 @@ class Relay:
             return None
         if pick.reason is not None:
             self.exchange.picks.append((pick.target.upstream, pick.reason))
-        return pick.target
+        if any(type(self.upstreams[t.upstream].bulkhead) is not Bulkhead for t in pick.line):
+            pick = replace(pick, line=())  # a shared cap's line is its own: wait in the pick's
+        return pick
+
+    async def _queue(self, line: Sequence[Target], picked: Target) -> tuple[Target, float]:
+        """Every candidate is full: wait in all their lines at once; the attempt goes to the
+        first to free a slot (which it then holds), and counts as a try there."""
+        exchange = self.exchange
+        exchange.phase = "queued"
+        exchange.upstream = None
+        queued_at = clock()
+        members = {self.upstreams[t.upstream].bulkhead: t for t in line}
+        served = members[await Bulkhead.first_free(list(members), exchange.budget.deadline.at)]
+        if served != picked:
+            self._tries[picked] -= 1
+            self._tries[served] = self._tries.get(served, 0) + 1
+        return served, queued_at
 
     def _member(self, target: Target, rank: int, now: float) -> Member:
         upstream = self.upstreams[target.upstream]
@@ -297,7 +320,8 @@ class Relay:
             with anyio.move_on_after(delay):
                 await race.settled.wait()
             if race.winner is None and first not in failures:
-                second = self._next(first, besides=first)
+                hedge = self._next(first, besides=first)
+                second = None if hedge is None else hedge.target
                 now = clock()
                 if second is None:
                     exchange.hedge = "not_needed"

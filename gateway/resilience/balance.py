@@ -11,7 +11,8 @@ whether its recent first token fits the time left, how busy it is) and asks `cho
     No candidate: its first member is named, and the relay's own checks pass it over (and log
     why) or panic-route to it (`passed_over`), as for a route without pools.
     All candidates full: a later pool with a candidate that has room takes the request
-    (`overflow`), else it queues in this pool, on the member with the shortest line.
+    (`overflow`), else it queues in this pool: in the lines of all the candidates at once,
+    for the first slot to free (`Pick.line`), or, where that cannot be, in the shortest.
     Otherwise the route's `balance` picks among the candidates with room:
       least_load   power of two choices: two drawn at random in proportion to weight; the one
                    expected to answer sooner wins (`cost`: its recent TTFT over how much room
@@ -67,6 +68,8 @@ class Member:
 class Pick:
     target: Target
     reason: Reason | None  # None: named in order, nothing balanced
+    # Every candidate is full: the request may wait for the first of them to free a slot.
+    line: tuple[Target, ...] = ()
 
 
 class Rotation:
@@ -107,7 +110,8 @@ def choose(
             spare = [m for m in _candidates(later, previous) if m.room]
             if spare:
                 return Pick(least_load(spare, rng).target, "overflow")
-        return Pick(_shortest_line(candidates, rng).target, _reason(first, balance))
+        shortest = _shortest_line(candidates, rng).target
+        return Pick(shortest, _reason(first, balance), tuple(m.target for m in candidates))
     if first[0].rank > 0:
         return Pick(least_load(roomy, rng).target, "overflow")
     if balance == "round_robin":
@@ -182,8 +186,10 @@ def _shortest_line(members: Sequence[Member], rng: random.Random) -> Member:
 
 
 def _fastest(members: Sequence[Member]) -> float | None:
+    """The pool's fastest recent first token; None (as fast as can be) while one member's
+    is not known yet: a member not yet timed is taken to be fast."""
     known = [m.ttft for m in members if m.ttft is not None]
-    return min(known) if known else None
+    return min(known) if len(known) == len(members) else None
 
 
 def _draw(members: Sequence[Member], rng: random.Random) -> Member:
