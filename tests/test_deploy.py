@@ -71,6 +71,7 @@ COUNTERS = {
     "llm_gateway_attempts_skipped",
     "llm_gateway_hedges",
     "llm_gateway_shared_ops",
+    "llm_gateway_balance_picks",
 }
 HISTOGRAMS = {
     "llm_gateway_request_duration_seconds",
