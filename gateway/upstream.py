@@ -198,6 +198,11 @@ class SharedBulkhead(Bulkhead):
         assert turn.slot is not None
         self.slots.append(turn.slot)
 
+    @property
+    def busy(self) -> int:
+        """Slots held here and, as last heard, by every other process of the gateway."""
+        return self.active + self.gate.elsewhere(clock())
+
     def release(self) -> None:
         self._released.append(clock())
         self.active -= 1

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -17,7 +18,15 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from tests.conftest import CHAT, GatewayFactory, LiveServer, Simulator, debug_state, wait_until_idle
+from tests.conftest import (
+    CHAT,
+    GatewayFactory,
+    LiveServer,
+    RedisServer,
+    Simulator,
+    debug_state,
+    wait_until_idle,
+)
 from tests.test_resilience import delta, scrape
 
 pytestmark = pytest.mark.anyio
@@ -351,3 +360,34 @@ def test_the_overflow_serves_when_the_pool_is_cooling_or_ejected(
     assert later.headers["x-gateway-upstream"] == "overflow"
     assert later.headers["x-gateway-attempts"] == "1"  # a cooling, b ejected: not called
     assert simulator.stats()["total"] == 4
+
+
+async def test_a_shared_cap_balances_on_what_the_whole_gateway_holds(
+    gateway: GatewayFactory, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """Two gateways, one Redis: the other gateway fills vllm-a; this one learns it from the
+    counts its own acquires bring back, and sends to vllm-b without waiting for a."""
+    shared = {"redis_url": redis_server.url, "key_prefix": "balance-shared:"}
+    members = {"vllm-a": "sim@tokens=2", "vllm-b": "sim@tokens=2"}
+    data = pool(members, max_connections=2)
+    data["shared"] = shared
+    data["routes"].append({"model": "only-b", "targets": [{"upstream": "vllm-b", "model": "sim"}]})
+    here = gateway(data)
+    other_data = pool({"vllm-a": "sim@tokens=2"}, max_connections=2)
+    other_data["shared"] = shared
+    other = gateway(other_data)
+    async with (
+        httpx.AsyncClient(base_url=other.url, timeout=30) as there,
+        httpx.AsyncClient(base_url=here.url, timeout=30) as client,
+        anyio.create_task_group() as group,
+    ):
+        for _ in range(2):  # vllm-a full, held by the other gateway for 3 s
+            group.start_soon(partial(call, there, headers={"x-sim-ttft-ms": "3000"}))
+        await anyio.sleep(0.3)
+        warm = await client.post("/v1/chat/completions", json={"model": "only-b", "messages": CHAT})
+        assert warm.status_code == 200  # its acquire on vllm-b counted vllm-a's slots too
+        started = time.monotonic()
+        served = [(await call(client)).headers["x-gateway-upstream"] for _ in range(8)]
+        took = time.monotonic() - started
+    assert served == ["vllm-b"] * 8, served
+    assert took < 2.0  # none waited for vllm-a's slots to free
