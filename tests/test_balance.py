@@ -391,3 +391,66 @@ async def test_a_shared_cap_balances_on_what_the_whole_gateway_holds(
         took = time.monotonic() - started
     assert served == ["vllm-b"] * 8, served
     assert took < 2.0  # none waited for vllm-a's slots to free
+
+
+def post(server: LiveServer) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "m", "messages": CHAT, "stream": True},
+        timeout=10,
+    )
+
+
+def test_a_retry_and_a_hedge_go_to_another_member(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    # round_robin starts at vllm-a: its 502 is retried on vllm-b, not on vllm-a again
+    failing = pool(
+        {"vllm-a": "sim@status=502", "vllm-b": "sim@tokens=2", "vllm-c": "sim@tokens=2"},
+        balance="round_robin",
+        retry={"attempts": 2, "backoff_s": 0},
+    )
+    response = post(gateway(failing))
+    assert response.status_code == 200
+    assert response.headers["x-gateway-upstream"] in ("vllm-b", "vllm-c")
+    assert response.headers["x-gateway-attempts"] == "2"
+    # a first attempt slow to its first token is hedged on another member, which wins
+    slow = pool(
+        {"vllm-a": "sim@ttft-ms=3000", "vllm-b": "sim@tokens=2"},
+        balance="round_robin",
+        hedge={"after_s": 0.2},
+    )
+    server = gateway(slow)
+    before = scrape(server.url)
+    started = time.monotonic()
+    hedged = post(server)
+    assert hedged.headers["x-gateway-upstream"] == "vllm-b"
+    assert hedged.headers["x-gateway-attempts"] == "2"
+    assert time.monotonic() - started < 2
+    counted = delta(before, scrape(server.url))
+    assert counted['llm_gateway_hedges_total{outcome="won",route="m"}'] == 1
+    assert (
+        counted['llm_gateway_balance_picks_total{reason="round_robin",route="m",upstream="vllm-b"}']
+        == 1
+    )
+
+
+def test_a_pool_wholly_ejected_is_panic_routed_to_the_member_back_soonest(
+    gateway: GatewayFactory, simulator: Simulator
+) -> None:
+    data = pool(
+        {"vllm-a": "sim@status=500,flaky=1", "vllm-b": "sim@status=500,flaky=1,tokens=3"},
+        retry={"retry_on": [500]},
+    )
+    for upstream in data["upstreams"]:
+        upstream["outlier"] = {"consecutive_failures": 1, "base_ejection_s": 30}
+    server = gateway(data)
+    failed = post(server)  # each member fails once: both ejected
+    assert failed.status_code == 500
+    assert failed.headers["x-gateway-attempts"] == "2"
+    before = scrape(server.url)
+    panic = post(server)  # every member out: the one back soonest (ejected first) serves
+    assert panic.status_code == 200
+    assert panic.headers["x-gateway-attempts"] == "1"
+    counted = delta(before, scrape(server.url))
+    assert counted['llm_gateway_panic_routed_total{route="m"}'] == 1
