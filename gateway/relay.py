@@ -134,9 +134,12 @@ class Relay:
         previous: Target | None = None  # the target of the attempt just made
         ejected: list[float] = []  # seconds until each ejected target's probe
         state.retry_budget.record_request(clock())
-        while (pick := self._next(previous)) is not None:
+        while True:
             if last is not None and failure_condition(last) not in route.retry.retry_on:
                 raise last
+            pick = self._next(previous)
+            if pick is None:
+                break
             target = pick.target
             upstream = self.upstreams[target.upstream]
             number = self._tries[target] = self._tries.get(target, 0) + 1
