@@ -23,8 +23,8 @@ whether its recent first token fits the time left, how busy it is) and asks `cho
                    on one member while it is in, and when one leaves only its keys move (to
                    their next choice); least_load when the key's member is full
 
-A route without `balance` (none of its targets shares a priority or sets one) keeps its
-targets in order, each a fallback for the one before: `choose` names the first left.
+A route that does not balance (it sets no `balance`, and no target sets or shares a priority)
+keeps its targets in order, each a fallback for the one before: `choose` names the first left.
 """
 
 from __future__ import annotations
