@@ -96,16 +96,28 @@ class AttemptRunner:
             isinstance(options, dict) and options.get("include_usage") is True
         )
 
-    async def run(self, upstream: Upstream, target: Target, race: Race | None = None) -> None:
+    async def run(
+        self,
+        upstream: Upstream,
+        target: Target,
+        race: Race | None = None,
+        *,
+        queued_at: float | None = None,
+    ) -> None:
+        """One attempt; given `queued_at`, its slot is already held (the relay waited for the
+        first free one of a pool since then)."""
         exchange = self.exchange
         exchange.upstream = upstream.name
         exchange.phase = "queued"
-        record = Attempt(upstream.name, target.model, queued_at=clock())
+        record = Attempt(
+            upstream.name, target.model, queued_at=clock() if queued_at is None else queued_at
+        )
         if exchange.trace is not None:  # traced: the span this attempt's traceparent names
             record.span_id = new_span_id()
         exchange.attempt_log.append(record)
         try:
-            await upstream.bulkhead.acquire(exchange.budget.deadline.at)
+            if queued_at is None:
+                await upstream.bulkhead.acquire(exchange.budget.deadline.at)
         except BaseException as error:
             record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
             record.cancel_reason = None if isinstance(error, GatewayError) else "queued"

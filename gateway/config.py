@@ -26,6 +26,7 @@ from gateway.config_loader import ConfigError, Reader, got, read_yaml
 
 __all__ = [
     "RETRY_CONDITIONS",
+    "Affinity",
     "ApiKey",
     "AuthConfig",
     "Budget",
@@ -52,6 +53,10 @@ __all__ = [
 RETRY_CONDITIONS = frozenset({"connect", "ttft", "idle", "protocol"})
 LOG_FORMATS = ("text", "json")
 OUTLIER_MODES = ("panic", "fail_fast")
+Balance = Literal["least_load", "round_robin", "affinity"]
+_BALANCES: dict[str, Balance] = {
+    "least_load": "least_load", "round_robin": "round_robin", "affinity": "affinity"
+}  # fmt: skip
 ON_FAILURE = ("closed", "open", "local_share")
 
 
@@ -126,10 +131,14 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """One place a route can send a request: an upstream and the model name it expects."""
+    """One place a route can send a request: an upstream and the model name it expects.
+    Targets of equal `priority` (None: the target's position) form a pool the route balances
+    over, in proportion to `weight`; a lower priority (a larger number) is the overflow."""
 
     upstream: str
     model: str
+    priority: int | None = None
+    weight: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +182,15 @@ class Hedge:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Affinity:
+    """`affinity`: what makes requests alike, so they go to the same member of a pool: a hash
+    of the first `prefix_messages` messages (`prefix`), or the request's `user` field."""
+
+    key: Literal["prefix", "user"] = "prefix"
+    prefix_messages: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
 class Route:
     """A model name clients send, with targets tried in order (later ones are fallbacks)."""
 
@@ -185,6 +203,11 @@ class Route:
     upstream_stream: bool = True  # ask for a stream even when the client did not
     # When every target is ejected: send to the one back soonest, or answer `circuit_open`.
     outlier_mode: str = "panic"  # or "fail_fast"
+    # How a pool of targets is balanced (gateway.resilience.balance): None for a route that
+    # does not balance (every target its own priority, none set): its targets in order, each
+    # a fallback for the one before, as routes always were.
+    balance: Balance | None = None
+    affinity: Affinity = field(default_factory=Affinity)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -512,8 +535,16 @@ def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
         if upstream and upstreams and upstream not in upstreams:
             defined = ", ".join(upstreams)
             t.error("upstream", f'unknown upstream "{upstream}" (defined: {defined})')
-        targets.append(Target(upstream=upstream, model=t.optional_text("model") or model))
+        targets.append(
+            Target(
+                upstream=upstream,
+                model=t.optional_text("model") or model,
+                priority=t.integer("priority", 0, minimum=0) if t.has("priority") else None,
+                weight=_read_weight(t),
+            )
+        )
         t.unknown_keys()
+    balance, affinity = _read_balance(r, targets)
     budget = _read_budget(r.section("budget"), max_s)
     retry = _read_retry(r.section("retry"))
     retry_budget = _read_retry_budget(r.section("retry_budget"))
@@ -532,7 +563,46 @@ def _read_route(r: Reader, upstreams: tuple[str, ...], max_s: float) -> Route:
         hedge=hedge,
         upstream_stream=upstream_stream,
         outlier_mode=outlier_mode,
+        balance=balance,
+        affinity=affinity,
     )
+
+
+def _read_weight(t: Reader) -> int:
+    weight = t.integer("weight", 1)
+    if weight > MAX_WEIGHT:
+        t.error("weight", f"must be at most {MAX_WEIGHT} (got {weight})")
+    return weight
+
+
+MAX_WEIGHT = 1000
+
+
+def _read_balance(r: Reader, targets: list[Target]) -> tuple[Balance | None, Affinity]:
+    """`balance` and `affinity`. A route balances when it sets `balance`, or any target sets
+    `priority`, or two targets share one: by least_load unless it says otherwise."""
+    priorities = [t.priority if t.priority is not None else i for i, t in enumerate(targets)]
+    pooled = len(set(priorities)) < len(priorities) or any(t.priority is not None for t in targets)
+    name = r.optional_text("balance")
+    balance: Balance | None = "least_load" if pooled else None
+    if name is not None and name in _BALANCES:
+        balance = _BALANCES[name]
+    elif name is not None:
+        r.error("balance", f"must be least_load, round_robin or affinity (got {name!r})")
+    affinity = Affinity()
+    if r.has("affinity"):
+        a = r.section("affinity")
+        key = a.optional_text("key") or affinity.key
+        if key not in ("prefix", "user"):
+            a.error("key", f"must be prefix or user (got {key!r})")
+        affinity = Affinity(
+            key="user" if key == "user" else "prefix",
+            prefix_messages=a.integer("prefix_messages", affinity.prefix_messages),
+        )
+        a.unknown_keys()
+        if balance != "affinity" and r.ok("balance"):
+            r.error("affinity", "is only for balance: affinity")
+    return balance, affinity
 
 
 def _read_retry_budget(r: Reader) -> RetryBudget:
@@ -681,12 +751,25 @@ def describe_config(config: Config) -> str:
             f"  retry_budget ratio={_num(route.retry_budget.ratio)} "
             f"min_per_s={_num(route.retry_budget.min_per_s)}  hedge={_hedge(route.hedge)}"
             f"  upstream_stream={str(route.upstream_stream).lower()}"
-            f"  outlier_mode={route.outlier_mode}"
+            f"  outlier_mode={route.outlier_mode}{_balance(route)}"
         )
         for i, target in enumerate(route.targets, 1):
-            fallback = " (fallback)" if i > 1 else ""
-            lines.append(f"  {i}. {target.upstream} -> {target.model}{fallback}")
+            if route.balance is None:
+                place = " (fallback)" if i > 1 else ""
+            else:
+                priority = i - 1 if target.priority is None else target.priority
+                place = f"  priority={priority} weight={target.weight}"
+            lines.append(f"  {i}. {target.upstream} -> {target.model}{place}")
     return "\n".join(lines)
+
+
+def _balance(route: Route) -> str:
+    if route.balance is None:
+        return ""
+    if route.balance != "affinity":
+        return f"  balance={route.balance}"
+    affinity = route.affinity
+    return f"  balance=affinity key={affinity.key} prefix_messages={affinity.prefix_messages}"
 
 
 def _anthropic(upstream: UpstreamConfig) -> str:

@@ -61,6 +61,7 @@ class Exchange:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason)
     hedge: str | None = None  # not_needed, fired, won or lost
     panic_routed: bool = False  # sent to an ejected target because every target was out
+    picks: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason) balanced
     # The cancel scope the request is running in, if any: a disconnect cancels it.
     scope: anyio.CancelScope | None = None
 

@@ -3,6 +3,7 @@ each attempt run (`gateway.attempt`), its answer delivered to the client (`gatew
 
     with deadline scope:                       the whole request: total_s and client hints
         for each (target, try):                retry/fallback only before the commit, and only
+            which target? the balancer's       a member of the first pool that can take it
             policy: fits? budget? ejected?     what gateway.resilience lets start
             [hedge: a second target races]     for the first token, the loser cancelled
             wait in the upstream's queue       earliest deadline first; `upstream_pool_timeout`
@@ -26,6 +27,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -39,10 +41,11 @@ from gateway.inflight import Exchange
 from gateway.protocols.api import Api
 from gateway.resilience.attempts import backoff, fits
 from gateway.resilience.attempts import retry_after as asked_retry_after
+from gateway.resilience.balance import Member, Pick, affinity_key, choose, ranked
 from gateway.resilience.outlier import Standing, passed_over
 from gateway.responses import ResponseWriter
 from gateway.routing import RouteState, failure_condition
-from gateway.upstream import Upstream
+from gateway.upstream import Bulkhead, Upstream
 
 _RNG = random.Random()  # backoff jitter
 
@@ -84,7 +87,10 @@ class Relay:
             client_headers=client_headers,
         )
         self.streamed = self.attempts.streamed
-        self._tried: set[tuple[Target, int]] = set()  # (target, try) made by a hedge
+        self._ranked = ranked(targets, state.priority)  # (target, its pool's rank)
+        self._tries: dict[Target, int] = {}  # attempts made on each target, hedges included
+        self._passed: set[Target] = set()  # not to be tried again by this request
+        self._key = affinity_key(payload, route.affinity) if route.balance == "affinity" else None
 
     async def run(self) -> GatewayError | None:
         """Serve the request; answer every failure; return it (None when all went well, or
@@ -119,62 +125,70 @@ class Relay:
         return failure
 
     async def _attempts(self) -> None:
-        """Each target in order with its retries, while the policy lets attempts start."""
+        """The balancer names each next target (`choose`: a member of the first pool that can
+        take the request, not the one just tried while another is left); the policy may pass
+        it over; else it runs, maybe hedged. A failure worth another try goes round again."""
         exchange, route, state = self.exchange, self.route, self.state
         deadline = exchange.budget.deadline
         last: GatewayError | None = None
+        previous: Target | None = None  # the target of the attempt just made
         ejected: list[float] = []  # seconds until each ejected target's probe
-        self._tried.clear()
         state.retry_budget.record_request(clock())
-        targets = self.targets
-        for index, target in enumerate(targets):
+        while True:
+            if last is not None and failure_condition(last) not in route.retry.retry_on:
+                raise last
+            pick = self._next(previous)
+            if pick is None:
+                break
+            target = pick.target
             upstream = self.upstreams[target.upstream]
-            for number in range(1, route.retry.attempts + 1):
-                if (target, number) in self._tried:  # a hedge already made this one
+            number = self._tries[target] = self._tries.get(target, 0) + 1
+            now = clock()
+            wait = 0.0
+            if number > 1:  # a retry on the same target: backed off, budgeted
+                wait = backoff(route.retry.backoff_s, number - 1, _RNG)
+                asked = _retry_after(last) if target == previous else None
+                if asked is not None:
+                    if asked >= deadline.remaining():
+                        self._pass(target, "retry_after")
+                        continue
+                    wait = max(wait, asked)
+                if not state.retry_budget.try_spend(now):
+                    self._pass(target, "retry_budget")
                     continue
-                if last is not None and failure_condition(last) not in route.retry.retry_on:
-                    raise last
-                now = clock()
-                wait = 0.0
-                if number > 1:  # a retry on the same target: backed off, budgeted
-                    wait = backoff(route.retry.backoff_s, number - 1, _RNG)
-                    asked = _retry_after(last)
-                    if asked is not None:
-                        if asked >= deadline.remaining():
-                            self._skip(target, "retry_after")
-                            break
-                        wait = max(wait, asked)
-                    if not state.retry_budget.try_spend(now):
-                        self._skip(target, "retry_budget")
-                        break
-                if not self._fits(target, wait):
-                    self._skip(target, "budget")
-                    break
-                standing = upstream.outlier.standing(now)
-                if standing.out is None:
-                    upstream.outlier.admit(now)  # claims the probe, if one is due
-                elif passed_over(index, self._standings(now), panic=route.outlier_mode == "panic"):
-                    self._skip(target, "ejected" if standing.out == "ejected" else "retry_after")
-                    if standing.out == "ejected":
-                        ejected.append(upstream.outlier.retry_after(now))
-                    break
-                elif standing.out == "ejected":
-                    exchange.panic_routed = True  # every target is out: this one comes back first
-                if wait:
-                    exchange.backoff_s += wait
-                    await anyio.sleep(wait)
-                following = targets[index + 1] if index + 1 < len(targets) else None
-                delay = self._hedge_delay(target) if number == 1 else None
-                try:
-                    if delay is not None and following is not None:
-                        await self._hedged(target, following, delay)
-                    else:
-                        await self.attempts.run(upstream, target)
-                    return
-                except GatewayError as error:
-                    if exchange.committed:
-                        raise
-                    last = error
+            if not self._fits(target, wait):
+                self._pass(target, "budget")
+                continue
+            standing = upstream.outlier.standing(now)
+            if standing.out is None:
+                upstream.outlier.admit(now)  # claims the probe, if one is due
+            elif passed_over(0, self._standings(target, now), panic=route.outlier_mode == "panic"):
+                self._pass(target, "ejected" if standing.out == "ejected" else "retry_after")
+                if standing.out == "ejected":
+                    ejected.append(upstream.outlier.retry_after(now))
+                continue
+            elif standing.out == "ejected":
+                exchange.panic_routed = True  # every target is out: this one comes back first
+            if wait:
+                exchange.backoff_s += wait
+                await anyio.sleep(wait)
+            previous = target
+            queued_at: float | None = None
+            try:
+                if len(pick.line) > 1:  # the whole pool is full: the first slot to free
+                    target, queued_at = await self._queue(pick.line, target)
+                    previous, upstream = target, self.upstreams[target.upstream]
+                # A request that waited for a full pool is not hedged: a hedge would wait too.
+                delay = self._hedge_delay(target) if number == 1 and queued_at is None else None
+                if delay is not None and self._left(besides=target):
+                    await self._hedged(target, delay)
+                else:
+                    await self.attempts.run(upstream, target, queued_at=queued_at)
+                return
+            except GatewayError as error:
+                if exchange.committed:
+                    raise
+                last = error
         if last is not None:
             raise last
         if ejected:
@@ -185,14 +199,89 @@ class Relay:
             )
         raise BudgetExceeded("total", "No target can answer within the time left.")
 
-    def _standings(self, now: float) -> list[Standing]:
-        return [self.upstreams[t.upstream].outlier.standing(now) for t in self.targets]
+    def _left(self, *, besides: Target | None = None) -> list[tuple[Target, int]]:
+        """The targets this request may still try, in priority order, with their pool's rank."""
+        attempts = self.route.retry.attempts
+        return [
+            (target, rank)
+            for target, rank in self._ranked
+            if target not in self._passed
+            and self._tries.get(target, 0) < attempts
+            and target != besides
+        ]
+
+    def _next(self, previous: Target | None, *, besides: Target | None = None) -> Pick | None:
+        """The target of the next attempt (or of a hedge on `besides`), as the route's
+        balance chooses; a balanced choice is counted (`exchange.picks`)."""
+        left = self._left(besides=besides)
+        if self.route.balance is None or not left:
+            return Pick(left[0][0], None) if left else None  # in order: each a fallback
+        now = clock()
+        members = [self._member(target, rank, now) for target, rank in left]
+        pick = choose(
+            members,
+            balance=self.route.balance,
+            previous=previous,
+            key=self._key,
+            rng=_RNG,
+            rotation=self.state.rotation,
+        )
+        if pick is None:
+            return None
+        if pick.reason is not None:
+            self.exchange.picks.append((pick.target.upstream, pick.reason))
+        if any(type(self.upstreams[t.upstream].bulkhead) is not Bulkhead for t in pick.line):
+            pick = replace(pick, line=())  # a shared cap's line is its own: wait in the pick's
+        return pick
+
+    async def _queue(self, line: Sequence[Target], picked: Target) -> tuple[Target, float]:
+        """Every candidate is full: wait in all their lines at once; the attempt goes to the
+        first to free a slot (which it then holds), and counts as a try there."""
+        exchange = self.exchange
+        exchange.phase = "queued"
+        exchange.upstream = None
+        queued_at = clock()
+        members = {self.upstreams[t.upstream].bulkhead: t for t in line}
+        served = members[await Bulkhead.first_free(list(members), exchange.budget.deadline.at)]
+        if served != picked:
+            self._tries[picked] -= 1
+            self._tries[served] = self._tries.get(served, 0) + 1
+        return served, queued_at
+
+    def _member(self, target: Target, rank: int, now: float) -> Member:
+        upstream = self.upstreams[target.upstream]
+        bulkhead = upstream.bulkhead
+        typical = self.state.ttft[target].typical(now) if self.streamed else None
+        remaining = self.exchange.budget.deadline.at - now
+        min_attempt_s = self.route.retry.min_attempt_s
+        return Member(
+            target=target,
+            rank=rank,
+            tries=self._tries.get(target, 0),
+            out=upstream.outlier.standing(now).out is not None,
+            fits=fits(remaining, min_attempt_s=min_attempt_s, typical_ttft=typical),
+            busy=bulkhead.busy,
+            queued=bulkhead.pending,
+            capacity=bulkhead.limit,
+            ttft=typical,
+        )
+
+    def _standings(self, target: Target, now: float) -> list[Standing]:
+        """`target`'s standing, then those of every other target the request may still use:
+        what `passed_over` weighs."""
+        others = [other for other, _ in self._left(besides=target)]
+        return [self.upstreams[t.upstream].outlier.standing(now) for t in (target, *others)]
 
     def _fits(self, target: Target, wait: float) -> bool:
         now = clock()
         remaining = self.exchange.budget.deadline.at - now - wait
         typical = self.state.ttft[target].typical(now) if self.streamed else None
         return fits(remaining, min_attempt_s=self.route.retry.min_attempt_s, typical_ttft=typical)
+
+    def _pass(self, target: Target, reason: str) -> None:
+        """Pass `target` over for the rest of this request, and say why."""
+        self._passed.add(target)
+        self._skip(target, reason)
 
     def _skip(self, target: Target, reason: str) -> None:
         self.exchange.skipped.append((target.upstream, reason))
@@ -210,13 +299,15 @@ class Relay:
         assert hedge.after_percentile is not None  # the config sets exactly one
         return self.state.ttft[target].percentile(clock(), hedge.after_percentile)
 
-    async def _hedged(self, first: Target, second: Target, delay: float) -> None:
-        """Start `first`; if it has no token after `delay`, start `second` too. The first to
-        produce a token delivers; the other is cancelled at once (its socket closed)."""
+    async def _hedged(self, first: Target, delay: float) -> None:
+        """Start `first`; if it has no token after `delay`, start another target too (another
+        member of its pool when there is one). The first to produce a token delivers; the
+        other is cancelled at once (its socket closed)."""
         exchange = self.exchange
         race = Race()
-        race.scopes = {first: anyio.CancelScope(), second: anyio.CancelScope()}
+        race.scopes = {first: anyio.CancelScope()}
         failures: dict[Target, GatewayError] = {}
+        second: Target | None = None
 
         async def run(target: Target) -> None:
             with race.scopes[target]:
@@ -232,18 +323,22 @@ class Relay:
             with anyio.move_on_after(delay):
                 await race.settled.wait()
             if race.winner is None and first not in failures:
-                upstream = self.upstreams[second.upstream]
+                hedge = self._next(first, besides=first)
+                second = None if hedge is None else hedge.target
                 now = clock()
-                if not self._fits(second, 0.0):
+                if second is None:
+                    exchange.hedge = "not_needed"
+                elif not self._fits(second, 0.0):
                     self._skip(second, "budget")
                 elif not self.state.retry_budget.try_spend(now):
                     self._skip(second, "retry_budget")
-                elif (out := upstream.outlier.standing(now).out) is not None:
+                elif (out := self.upstreams[second.upstream].outlier.standing(now).out) is not None:
                     self._skip(second, "ejected" if out == "ejected" else "retry_after")
                 else:
-                    upstream.outlier.admit(now)  # claims the probe, if one is due
+                    self.upstreams[second.upstream].outlier.admit(now)  # claims a due probe
                     exchange.hedge = "fired"
-                    self._tried.add((second, 1))
+                    self._tries[second] = self._tries.get(second, 0) + 1
+                    race.scopes[second] = anyio.CancelScope()
                     group.start_soon(run, second)
             else:
                 exchange.hedge = "not_needed"
@@ -254,7 +349,9 @@ class Relay:
             if winner in failures:
                 raise failures[winner]
             return
-        raise failures.get(second) or failures[first]
+        if second is not None and second in failures:
+            raise failures[second]
+        raise failures[first]
 
 
 def _retry_after(failure: GatewayError | None) -> float | None:

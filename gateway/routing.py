@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from gateway.config import Config, Route
 from gateway.errors import BudgetExceeded, GatewayError, ModelNotFound, Overloaded, UpstreamStatus
+from gateway.resilience.balance import Rotation
 from gateway.resilience.latency import LatencyWindow
 from gateway.resilience.retry_budget import RetryBudgetTracker
 
 
 class RouteState:
     """What a route remembers between requests: its retry budget, each target's recent time
-    to first token."""
+    to first token, its round robin; and each target's priority (unset: its position)."""
 
     def __init__(self, route: Route) -> None:
         self.retry_budget = RetryBudgetTracker(route.retry_budget)
         self.ttft = {target: LatencyWindow() for target in route.targets}
+        self.rotation = Rotation()
+        self.priority = {
+            target: index if target.priority is None else target.priority
+            for index, target in enumerate(route.targets)
+        }
 
 
 class Router:

@@ -41,13 +41,14 @@ _AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
 
 
 class _Turn:
-    """A waiter's place in line: set when it may start, with the shared slot it was given
-    (or the error that ends its wait)."""
+    """A waiter's place in line: set when it may start, with the bulkhead that served it, the
+    shared slot it was given (or the error that ends its wait)."""
 
-    __slots__ = ("error", "event", "slot")
+    __slots__ = ("by", "error", "event", "slot")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
+        self.by: Bulkhead | None = None
         self.slot: str | None = None
         self.error: Overloaded | None = None
 
@@ -67,6 +68,11 @@ class Bulkhead:
     @property
     def pending(self) -> int:
         return len(self._waiters)
+
+    @property
+    def busy(self) -> int:
+        """Slots held: what a balancer weighs against `limit`."""
+        return self.active
 
     async def acquire(self, deadline: float = math.inf) -> None:
         """Take a slot, waiting in line if all are busy; shed at once if the line is full."""
@@ -90,10 +96,46 @@ class Bulkhead:
 
     def release(self) -> None:
         self._released.append(clock())
-        if self._waiters:
-            heapq.heappop(self._waiters)[2].event.set()  # hand the slot straight to the next
-        else:
-            self.active -= 1
+        while self._waiters:  # hand the slot straight to the next
+            turn = heapq.heappop(self._waiters)[2]
+            if turn.by is None:  # not served by another line it waits in
+                turn.by = self
+                turn.event.set()
+                return
+        self.active -= 1
+
+    @staticmethod
+    async def first_free(bulkheads: Sequence[Bulkhead], deadline: float = math.inf) -> Bulkhead:
+        """A slot of whichever of `bulkheads` (a pool's members, all full) frees one first: the
+        waiter stands in every line at once, earliest deadline first in each, and leaves the
+        others when one serves it. Shed at once if every line is full."""
+        for bulkhead in bulkheads:
+            if bulkhead.active < bulkhead.limit and not bulkhead._waiters:
+                bulkhead.active += 1
+                return bulkhead
+        turn = _Turn()
+        lines = [
+            (bulkhead, (deadline, next(bulkhead._order), turn))
+            for bulkhead in bulkheads
+            if len(bulkhead._waiters) < bulkhead.max_pending
+        ]
+        if not lines:
+            raise bulkheads[0]._saturated()
+        for bulkhead, entry in lines:
+            heapq.heappush(bulkhead._waiters, entry)
+        try:
+            await turn.event.wait()
+        except BaseException:
+            if turn.by is not None:  # served as we were cancelled: pass the slot on
+                turn.by.release()
+            raise
+        finally:
+            for bulkhead, entry in lines:
+                if bulkhead is not turn.by and entry in bulkhead._waiters:
+                    bulkhead._waiters.remove(entry)
+                    heapq.heapify(bulkhead._waiters)
+        assert turn.by is not None  # set with the event
+        return turn.by
 
     def _saturated(self) -> Overloaded:
         return Overloaded(
@@ -155,6 +197,11 @@ class SharedBulkhead(Bulkhead):
             raise turn.error
         assert turn.slot is not None
         self.slots.append(turn.slot)
+
+    @property
+    def busy(self) -> int:
+        """Slots held here and, as last heard, by every other process of the gateway."""
+        return self.active + self.gate.elsewhere(clock())
 
     def release(self) -> None:
         self._released.append(clock())

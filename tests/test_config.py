@@ -252,7 +252,7 @@ def test_edge_values_that_are_valid(changes: dict[str, Any], field: str, value: 
             "upstreams[0].max_conns: unknown key (did you mean max_connections?)",
         ),
         ({"route": {"timeout": 4}}, "routes[0].timeout: unknown key"),
-        ({"target": {"weight": 4}}, "routes[0].targets[0].weight: unknown key"),
+        ({"target": {"share": 4}}, "routes[0].targets[0].share: unknown key"),
         ({"budget": {"total": 4}}, "routes[0].budget.total: unknown key (did you mean total_s?)"),
         ({"retry": {"tries": 4}}, "routes[0].retry.tries: unknown key"),
         ({"route": {3: 4}}, "routes[0].3: unknown key"),

@@ -73,6 +73,7 @@ COUNTERS = {
     "llm_gateway_upstream_ejections",
     "llm_gateway_panic_routed",
     "llm_gateway_shared_ops",
+    "llm_gateway_balance_picks",
 }
 HISTOGRAMS = {
     "llm_gateway_request_duration_seconds",

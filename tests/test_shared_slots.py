@@ -159,9 +159,9 @@ async def test_local_share_caps_each_process_at_its_share() -> None:
 
 async def test_a_store_slower_than_timeout_s_is_down_within_one_call() -> None:
     class SlowStore(LocalSlotStore):
-        async def take(self, pool: str, slots: Any, limit: int) -> Any:
+        async def take(self, pool: str, slots: Any, limit: int, count: Any = ()) -> Any:
             await anyio.sleep(1)
-            return await super().take(pool, slots, limit)
+            return await super().take(pool, slots, limit, count)
 
     store = SlowStore(TTL_S)
     async with processes(store, 1, limit=4, expected_replicas=4) as (bulkhead,):

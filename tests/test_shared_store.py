@@ -119,3 +119,15 @@ async def test_give_back_takes_many_slots_of_many_pools_in_one_call(store: SlotS
     await store.give_back({"u": ["a", "b"], "v": ["d"]})
     assert list((await store.take("u", ["x", "y", "z"], limit=3)).slots) == ["x", "y"]
     assert list((await store.take("v", ["w"], limit=1)).slots) == ["w"]
+
+
+async def test_take_says_how_many_are_held_in_its_pool_and_the_pools_asked(
+    store: SlotStore,
+) -> None:
+    await store.take("v", ["x", "y"], limit=5)
+    taken = await store.take("u", ["a", "b"], limit=3, count=["v", "w"])
+    assert dict(taken.held) == {"u": 2, "v": 2, "w": 0}  # what a balancer weighs, same call
+    await store.give_back({"v": ["x"]})
+    assert dict((await store.take("u", [], limit=3, count=["v"])).held) == {"u": 2, "v": 1}
+    await anyio.sleep(TTL_S + 0.05)  # leases of a dead holder do not count once expired
+    assert dict((await store.take("w", [], limit=1, count=["u"])).held) == {"w": 0, "u": 0}

@@ -160,3 +160,63 @@ async def test_a_full_queue_estimates_when_a_slot_frees() -> None:
     with pytest.raises(Overloaded) as caught:
         await slow.acquire()
     assert caught.value.retry_after_s > 1
+
+
+async def test_a_pool_waiter_takes_the_first_slot_to_free_and_leaves_the_other_lines() -> None:
+    a, b = Bulkhead(limit=1, max_pending=4), Bulkhead(limit=1, max_pending=4)
+    await a.acquire()
+    await b.acquire()
+    got: list[Bulkhead] = []
+
+    async def wait() -> None:
+        got.append(await Bulkhead.first_free([a, b]))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        assert (a.pending, b.pending) == (1, 1)  # in both lines at once
+        b.release()  # b frees first: the waiter is b's now, and left a's line
+    assert got == [b]
+    assert (a.active, a.pending, b.active, b.pending) == (1, 0, 1, 0)
+    a.release()  # no one waits: a's slot is free again
+    assert a.active == 0
+    assert await Bulkhead.first_free([a, b]) is a  # room: taken at once
+
+
+async def test_a_pool_waiter_cancelled_as_it_is_served_passes_the_slot_on() -> None:
+    a, b = Bulkhead(limit=1, max_pending=4), Bulkhead(limit=1, max_pending=4)
+    await a.acquire()
+    await b.acquire()
+    scope = anyio.CancelScope()
+    after: list[Bulkhead] = []
+
+    async def first() -> None:
+        with scope:
+            held = await Bulkhead.first_free([a, b])
+            try:
+                await anyio.lowlevel.checkpoint()
+            finally:
+                held.release()
+
+    async def second() -> None:
+        await a.acquire()
+        after.append(a)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(first)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        a.release()  # hands a's slot to the pool waiter...
+        scope.cancel()  # ...cancelled in the same instant: the slot goes to the next in line
+    assert after == [a]
+    assert (a.active, a.pending, b.active, b.pending) == (1, 0, 1, 0)
+
+
+async def test_a_pool_waiter_is_shed_when_every_line_is_full() -> None:
+    a, b = Bulkhead(limit=1, max_pending=0), Bulkhead(limit=1, max_pending=0)
+    await a.acquire()
+    await b.acquire()
+    with pytest.raises(Overloaded) as caught:
+        await Bulkhead.first_free([a, b])
+    assert caught.value.code == "upstream_saturated"

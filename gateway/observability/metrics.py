@@ -126,6 +126,11 @@ PANIC_ROUTED = Counter(
     "Requests sent to an ejected target because every target of the route was out.",
     ["route"],
 )
+# Load balancing (gateway.resilience.balance): which member of a pool each choice named, and
+# why (least_load, round_robin, affinity; overflow for a lower priority).
+BALANCE_PICKS = Counter(
+    f"{P}balance_picks", "Targets chosen by a route's balance.", ["route", "upstream", "reason"]
+)
 
 # The shared cap (gateway.shared): whether Redis answers, the slots this process holds, and
 # every store call by outcome and time.
@@ -246,6 +251,8 @@ def record_request(
         _at(SKIPPED, route, upstream, reason).inc()
     if exchange.panic_routed:
         _at(PANIC_ROUTED, route).inc()
+    for upstream, reason in exchange.picks:
+        _at(BALANCE_PICKS, route, upstream, reason).inc()
     if exchange.hedge in ("won", "lost", "not_needed"):
         _at(HEDGES, route, exchange.hedge).inc()
     usage = exchange.usage

@@ -20,8 +20,9 @@ from redis.exceptions import RedisError
 from gateway.config import SharedConfig
 from gateway.shared.store import StoreUnavailable, Taken
 
-# KEYS[1] the pool's set; ARGV[1] the limit, ARGV[2] the TTL in ms, ARGV[3..] slot ids wanted.
-# Returns {slots granted (the first ones asked for), ms until the earliest lease expires}.
+# KEYS[1] the pool's set, KEYS[2..] other pools' sets to count; ARGV[1] the limit, ARGV[2] the
+# TTL in ms, ARGV[3..] slot ids wanted. Returns {slots granted (the first ones asked for), ms
+# until the earliest lease expires, then the live leases of each of KEYS}.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,7 +41,11 @@ if granted < #ARGV - 2 then
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if first[2] then wait = tonumber(first[2]) - now end
 end
-return {granted, wait}
+local result = {granted, wait}
+for i, key in ipairs(KEYS) do
+  result[#result + 1] = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+end
+return result
 """
 
 # KEYS the pools' sets; ARGV[1] the TTL in ms, ARGV[i + 1] the space-separated slot ids held
@@ -91,14 +96,18 @@ class RedisSlotStore:
     def _key(self, pool: str) -> str:
         return f"{self._prefix}slots:{pool}"
 
-    async def take(self, pool: str, slots: Sequence[str], limit: int) -> Taken:
+    async def take(
+        self, pool: str, slots: Sequence[str], limit: int, count: Sequence[str] = ()
+    ) -> Taken:
+        pools = [pool, *count]
         try:
-            granted, wait_ms = await self._take(
-                keys=[self._key(pool)], args=[limit, self._ttl_ms, *slots]
+            granted, wait_ms, *held = await self._take(
+                keys=[self._key(name) for name in pools], args=[limit, self._ttl_ms, *slots]
             )
         except RedisError as error:
             raise StoreUnavailable(_describe(error)) from error
-        return Taken(slots[: int(granted)], max(0, int(wait_ms)) / 1000)
+        counts = {name: int(n) for name, n in zip(pools, held, strict=True)}
+        return Taken(slots[: int(granted)], max(0, int(wait_ms)) / 1000, counts)
 
     async def renew(self, held: Mapping[str, Collection[str]]) -> None:
         pools = [pool for pool, slots in held.items() if slots]

@@ -29,6 +29,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from gateway.config import SharedConfig
+from gateway.deadline import clock
 from gateway.errors import Overloaded
 from gateway.observability import metrics
 from gateway.shared import policy
@@ -45,6 +46,8 @@ class SharedSlots:
         self.processes = config.expected_replicas * workers  # sharing one cap: local_share
         self.health = policy.Health()
         self.gates: dict[str, SlotGate] = {}
+        # pool -> (slots held across the gateway, held here then, when): as the last take said
+        self.counted: dict[str, tuple[int, int, float]] = {}
         self._released: dict[str, set[str]] = {}  # not yet given back to the store
         self._release_soon = anyio.Event()
         self._token = f"{os.getpid()}.{secrets.token_hex(3)}"  # unique among processes
@@ -218,12 +221,28 @@ class SlotGate:
         def judge(taken: Taken) -> str:
             return "ok" if taken.slots else "full"
 
-        taken = await self.slots.call(
-            "acquire", lambda: self.slots.store.take(self.pool, wanted, self.limit), judge
+        slots = self.slots
+        others = [pool for pool in slots.gates if pool != self.pool]
+        taken = await slots.call(
+            "acquire", lambda: slots.store.take(self.pool, wanted, self.limit, others), judge
         )
         if taken is not None:
             self.held.update(taken.slots)
+            now = clock()
+            for pool, held in taken.held.items():
+                if pool in slots.gates:
+                    slots.counted[pool] = (held, len(slots.gates[pool].held), now)
         return taken
+
+    def elsewhere(self, now: float) -> int:
+        """Slots other processes hold in this pool, as the last take (of any pool here) said;
+        0 when none said so within a lease's TTL. A balancer adds it to what this process
+        holds: the gateway-wide load, without a call of its own."""
+        counted = self.slots.counted.get(self.pool)
+        if counted is None or now - counted[2] > self.slots.config.lease_ttl_s:
+            return 0
+        held, here, _ = counted
+        return max(0, held - here)
 
     def hold_unshared(self) -> str:
         """A slot taken without the store (it is down): held, and registered when it is back."""

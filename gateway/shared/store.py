@@ -27,12 +27,18 @@ class Taken(NamedTuple):
 
     slots: Sequence[str]
     retry_in_s: float
+    # Slots held now, across every process, in the pool and in each pool asked to `count`:
+    # what a balancer weighs, had in the same call.
+    held: Mapping[str, int] = {}  # never mutated
 
 
 class SlotStore(Protocol):
-    async def take(self, pool: str, slots: Sequence[str], limit: int) -> Taken:
+    async def take(
+        self, pool: str, slots: Sequence[str], limit: int, count: Sequence[str] = ()
+    ) -> Taken:
         """Take as many of `slots` as fit under `limit`, leases of expired holders dropped
-        first, in one atomic step."""
+        first, in one atomic step; say how many are held then in `pool` and in each of
+        `count`."""
 
     async def renew(self, held: Mapping[str, Collection[str]]) -> None:
         """Extend every lease in `held` (pool -> slot ids) by the TTL, re-adding any that
@@ -71,7 +77,9 @@ class LocalSlotStore:
         now = clock()
         return sum(1 for expiry in self._leases.get(pool, {}).values() if expiry > now)
 
-    async def take(self, pool: str, slots: Sequence[str], limit: int) -> Taken:
+    async def take(
+        self, pool: str, slots: Sequence[str], limit: int, count: Sequence[str] = ()
+    ) -> Taken:
         self._check()
         now = clock()
         leases = self._leases.setdefault(pool, {})
@@ -81,7 +89,8 @@ class LocalSlotStore:
         for slot in granted:
             leases[slot] = now + self.ttl_s
         earliest = min(leases.values(), default=now)
-        return Taken(granted, max(0.0, earliest - now))
+        held = {name: self.held(name) for name in (pool, *count)}
+        return Taken(granted, max(0.0, earliest - now), held)
 
     async def renew(self, held: Mapping[str, Collection[str]]) -> None:
         self._check()
