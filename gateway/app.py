@@ -27,8 +27,10 @@ from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
 from gateway.shared import SharedSlots
 from gateway.shared.policy import per_worker
+from gateway.shared.quota_store import RedisQuotaStore
 from gateway.shared.redis_store import RedisSlotStore
 from gateway.simulator import create_simulator_app
+from gateway.tenants.quotas import Quotas
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -41,8 +43,11 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
     `workers`: the processes `serve` runs, which share each cap (DESIGN §4, gateway.shared)."""
     config = per_worker(config, workers)  # without `shared`, each worker takes its share
     shared = None
+    quotas = Quotas()
     if config.shared is not None:
-        shared = SharedSlots(RedisSlotStore(config.shared), config.shared, workers=workers)
+        store = RedisSlotStore(config.shared)
+        shared = SharedSlots(store, config.shared, workers=workers)
+        quotas = Quotas(shared, RedisQuotaStore(store.client, config.shared))
     upstreams = {
         spec.name: Upstream(spec, shared.gate(spec.name, spec.max_connections) if shared else None)
         for spec in config.upstreams
@@ -51,7 +56,11 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
     inflight_registry = Inflight()
     lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
     gateway = Gateway(
-        config=config, router=Router(config), upstreams=upstreams, inflight=inflight_registry
+        config=config,
+        router=Router(config),
+        upstreams=upstreams,
+        inflight=inflight_registry,
+        quotas=quotas,
     )
     created = int(time.time())
     created_at = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat()
@@ -59,11 +68,13 @@ def create_app(config: Config, *, with_simulator: bool = False, workers: int = 1
     async def models(request: Request) -> Response:
         """The routes, in a list both the `openai` and the `anthropic` SDK read (each ignores
         the other's fields), so the key is taken as either sends it too."""
-        gateway.authenticate(request.headers, key_header="x-api-key")
+        key = gateway.authenticate(request.headers, key_header="x-api-key")
+        allowed = key.models if key is not None else None  # a key sees the routes it may use
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "llm-gateway"}
             | {"type": "model", "display_name": model, "created_at": created_at}
             for model in gateway.router.models
+            if allowed is None or model in allowed
         ]
         first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         pages = {"has_more": False, "first_id": first, "last_id": last}

@@ -102,7 +102,9 @@ class AttemptRunner:
         record = Attempt(upstream.name, target.model, queued_at=clock())
         exchange.attempt_log.append(record)
         try:
-            await upstream.bulkhead.acquire(exchange.budget.deadline.at)
+            await upstream.bulkhead.acquire(
+                exchange.budget.deadline.at, key=exchange.key or "", priority=exchange.priority
+            )
         except BaseException as error:
             record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
             record.cancel_reason = None if isinstance(error, GatewayError) else "queued"

@@ -72,6 +72,7 @@ class Delivery:
                     last = events.ended
                     exchange.finishing = last
                     raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
+                    exchange.chunks += len(batch)
                     await self.writer.body(raw, more=not last)
                     if last:
                         exchange.usage = events.usage
