@@ -17,7 +17,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.conftest import CHAT, GatewayFactory, LiveServer, one_route, sdk
+from tests.conftest import CHAT, GatewayFactory, LiveServer, RedisServer, one_route, sdk
 
 AUTH = {"authorization": "Bearer kh"}
 GO_DURATION = re.compile(r"(\d+m)?\d+(\.\d+)?(ms|s)")
@@ -362,3 +362,27 @@ def test_the_key_name_in_debug_inflight_and_the_access_log(
     lines = [record.getMessage() for record in caplog.records if record.name == "gateway.access"]
     assert any("key=chat-ui" in line for line in lines), lines
     assert not any("secret-key-1" in line for line in lines)
+
+
+@pytest.mark.parametrize("on_failure", ["local_share", "closed", "open"])
+def test_quotas_while_redis_is_down(
+    gateway: GatewayFactory, own_redis: RedisServer, on_failure: str
+) -> None:
+    data = tenants({"name": "batch", "key": "kb", "limits": {"requests_per_min": 6}})
+    data["shared"] = {
+        "redis_url": own_redis.url,
+        "on_failure": on_failure,
+        "expected_replicas": 3,
+        "timeout_s": 0.1,
+    }
+    server = gateway(data)
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert post(http, "kb", body()).headers["x-ratelimit-remaining-requests"] == "5"
+        own_redis.stop()
+        codes = [post(http, "kb", body()).status_code for _ in range(4)]
+    if on_failure == "local_share":  # this process's share: ceil(6 / 3)
+        assert codes == [200, 200, 429, 429]
+    elif on_failure == "closed":
+        assert codes == [503] * 4
+    else:
+        assert codes == [200] * 4
