@@ -14,7 +14,7 @@ there), `_factories` (clients pointed at the gateway), `_batch` (partial results
 
 from gateway_client._batch import Completions, as_completed_within, gather_within
 from gateway_client._deadline import DeadlineExceeded, DeadlineScope, deadline, remaining
-from gateway_client._errors import GatewayError, GatewayTimeout, Overloaded
+from gateway_client._errors import GatewayError, GatewayTimeout, Overloaded, retry_after
 from gateway_client._factories import (
     anthropic_client,
     async_anthropic,
@@ -43,4 +43,5 @@ __all__ = [
     "http_client",
     "openai_client",
     "remaining",
+    "retry_after",
 ]
