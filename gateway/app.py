@@ -28,8 +28,10 @@ from gateway.reload import Reloader, listen_for_sighup
 from gateway.runtime import Runtime
 from gateway.shared import SharedSlots
 from gateway.shared.policy import per_worker
+from gateway.shared.quota_store import RedisQuotaStore
 from gateway.shared.redis_store import RedisSlotStore
 from gateway.simulator import create_simulator_app
+from gateway.tenants.quotas import Quotas
 
 if TYPE_CHECKING:
     from gateway.observability.tracing import Tracing
@@ -53,13 +55,18 @@ def create_app(
     `watch_config`, when it changes: gateway.reload)."""
     config = per_worker(config, workers)  # without `shared`, each worker takes its share
     shared = None
+    quotas = Quotas()
     if config.shared is not None:
-        shared = SharedSlots(RedisSlotStore(config.shared), config.shared, workers=workers)
+        store = RedisSlotStore(config.shared)
+        shared = SharedSlots(store, config.shared, workers=workers)
+        quotas = Quotas(shared, RedisQuotaStore(store.client, config.shared))
     metrics.enable(config.server.metrics)
     inflight_registry = Inflight()
     lifecycle = Lifecycle(inflight_registry, config.server.shutdown_grace_s)
     tracing = _tracing(config.telemetry.traces)
-    runtime = Runtime(config, inflight=inflight_registry, shared=shared, tracing=tracing)
+    runtime = Runtime(
+        config, inflight=inflight_registry, shared=shared, quotas=quotas, tracing=tracing
+    )
     reloader = None
     if config_path is not None:
         reloader = Reloader(runtime, lifecycle, config_path, workers=workers, watch=watch_config)
@@ -70,11 +77,13 @@ def create_app(
         """The routes, in a list both the `openai` and the `anthropic` SDK read (each ignores
         the other's fields), so the key is taken as either sends it too."""
         gateway = runtime.current.gateway
-        gateway.authenticate(request.headers, key_header="x-api-key")
+        key = gateway.authenticate(request.headers, key_header="x-api-key")
+        allowed = key.models if key is not None else None  # a key sees the routes it may use
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "llm-gateway"}
             | {"type": "model", "display_name": model, "created_at": created_at}
             for model in gateway.router.models
+            if allowed is None or model in allowed
         ]
         first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         pages = {"has_more": False, "first_id": first, "last_id": last}

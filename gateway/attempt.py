@@ -117,7 +117,9 @@ class AttemptRunner:
         exchange.attempt_log.append(record)
         try:
             if queued_at is None:
-                await upstream.bulkhead.acquire(exchange.budget.deadline.at)
+                await upstream.bulkhead.acquire(
+                    exchange.budget.deadline.at, key=exchange.key or "", priority=exchange.priority
+                )
         except BaseException as error:
             record.outcome = error.code if isinstance(error, GatewayError) else "cancelled"
             record.cancel_reason = None if isinstance(error, GatewayError) else "queued"

@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DeadlineConfig",
     "Hedge",
+    "KeyLimits",
     "OutlierPolicy",
     "RetryBudget",
     "RetryPolicy",
@@ -58,6 +59,7 @@ _BALANCES: dict[str, Balance] = {
     "least_load": "least_load", "round_robin": "round_robin", "affinity": "affinity"
 }  # fmt: skip
 ON_FAILURE = ("closed", "open", "local_share")
+PRIORITIES = ("high", "normal", "low")  # a key's class in every upstream's queue, first first
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,11 +86,24 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeyLimits:
+    """`auth.keys[].limits`: a tenant's quotas (None: not limited). The per-minute ones are
+    token buckets refilled continuously; `max_concurrent` counts requests in flight."""
+
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None  # prompt + completion
+    max_concurrent: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ApiKey:
-    """One client credential; `name` is what logs and metrics show, never `key`."""
+    """One client credential, a tenant; `name` is what logs and metrics show, never `key`."""
 
     name: str
     key: str = field(repr=False)
+    priority: Literal["high", "normal", "low"] = "normal"
+    limits: KeyLimits | None = None  # None: no quota at all (the hot path checks only this)
+    models: frozenset[str] | None = None  # routes the key may use; None: all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,6 +308,8 @@ def parse_config(data: object, env: Mapping[str, str]) -> Config:
         _unique(r, "model", routes[-1].model, seen, f'route model "{routes[-1].model}"')
     shared = _read_shared(top.section("shared")) if top.has("shared") and top.ok("shared") else None
     telemetry = _read_telemetry(top.section("telemetry"))
+    if auth is not None:
+        _check_key_models(auth_section, auth, {route.model for route in routes})
     top.unknown_keys()
     if errors:
         raise ConfigError(errors)
@@ -343,12 +360,57 @@ def _read_auth(r: Reader) -> AuthConfig:
     names: dict[str, str] = {}
     secrets: dict[str, str] = {}
     for k in r.sections("keys"):
-        keys.append(ApiKey(name=k.text("name"), key=k.text("key", secret=True)))
+        keys.append(_read_key(k))
         _unique(k, "name", keys[-1].name, names, f'key name "{keys[-1].name}"')
         _unique(k, "key", keys[-1].key, secrets, "key")  # never quote the secret
         k.unknown_keys()
     r.unknown_keys()
     return AuthConfig(keys=tuple(keys))
+
+
+def _read_key(k: Reader) -> ApiKey:
+    priority = k.optional_text("priority") or "normal"
+    if priority not in PRIORITIES:
+        k.error("priority", f"must be high, normal or low (got {priority!r})")
+        priority = "normal"
+    limits = _read_limits(k.section("limits")) if k.has("limits") and k.ok("limits") else None
+    models = None
+    if k.has("models"):
+        names = []
+        for key, item in k.items("models"):
+            if isinstance(item, str) and item:
+                names.append(item)
+            else:
+                k.error(key, f"must be a route's model name{got(item)}")
+        models = frozenset(names)
+    return ApiKey(
+        name=k.text("name"),
+        key=k.text("key", secret=True),
+        priority=priority,  # type: ignore[arg-type]  # one of PRIORITIES, checked above
+        limits=limits,
+        models=models,
+    )
+
+
+def _read_limits(r: Reader) -> KeyLimits | None:
+    """Each limit is optional; `limits: {}` is no limit at all."""
+    limits = KeyLimits(
+        requests_per_min=r.integer("requests_per_min", 0) or None,
+        tokens_per_min=r.integer("tokens_per_min", 0) or None,
+        max_concurrent=r.integer("max_concurrent", 0) or None,
+    )
+    r.unknown_keys()
+    return limits if limits != KeyLimits() else None
+
+
+def _check_key_models(r: Reader, auth: AuthConfig, routes: set[str]) -> None:
+    """A key's `models` names routes that exist (a typo would lock the key out silently)."""
+    for index, key in enumerate(auth.keys):
+        for model in sorted((key.models or frozenset()) - routes):
+            defined = ", ".join(sorted(routes)) or "none"
+            r.errors.append(
+                f'{r.at("keys")}[{index}].models: unknown route "{model}" (defined: {defined})'
+            )
 
 
 def _read_upstream(r: Reader) -> UpstreamConfig:
@@ -714,6 +776,7 @@ def describe_config(config: Config) -> str:
         names = ", ".join(key.name for key in config.auth.keys)
         count = len(config.auth.keys)
         lines.append(f"auth: {count} key{'s' * (count != 1)} ({names})")
+        lines += [_describe_key(key) for key in config.auth.keys if _is_tenant(key)]
     if config.shared is not None:
         shared = config.shared
         lines.append(
@@ -770,6 +833,23 @@ def _balance(route: Route) -> str:
         return f"  balance={route.balance}"
     affinity = route.affinity
     return f"  balance=affinity key={affinity.key} prefix_messages={affinity.prefix_messages}"
+
+
+def _is_tenant(key: ApiKey) -> bool:
+    return key.priority != "normal" or key.limits is not None or key.models is not None
+
+
+def _describe_key(key: ApiKey) -> str:
+    """A key's tenant settings (never the key itself)."""
+    text = f"  key {key.name}  priority={key.priority}"
+    if key.limits is not None:
+        for name in ("requests_per_min", "tokens_per_min", "max_concurrent"):
+            value = getattr(key.limits, name)
+            if value is not None:
+                text += f" {name}={value}"
+    if key.models is not None:
+        text += f" models=[{', '.join(sorted(key.models))}]"
+    return text
 
 
 def _anthropic(upstream: UpstreamConfig) -> str:

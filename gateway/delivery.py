@@ -78,6 +78,7 @@ class Delivery:
                     raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
                     if traced and (reasons := finish_reasons(raw)):
                         exchange.finish_reasons = reasons
+                    exchange.chunks += len(batch)
                     await self.writer.body(raw, more=not last)
                     if last:
                         exchange.usage = events.usage

@@ -4,8 +4,11 @@
      ├── InternalError                500 internal_error: a bug, never a traceback to the client
      ├── BadRequest                   400 invalid_json / invalid_request / invalid_deadline_header
      ├── AuthenticationFailed         401 invalid_api_key
+     ├── ModelNotAllowed              403 model_not_allowed: the key may not use the route
      ├── ModelNotFound                404 model_not_found
      ├── RequestTooLarge              413 request_too_large
+     ├── RateLimited                  429 rate_limit_exceeded: a key's quota, Retry-After and
+     │                                    OpenAI's x-ratelimit-* headers (gateway.tenants)
      ├── UpstreamFailed               502 upstream_connect_error / upstream_protocol_error
      ├── Overloaded                   503 upstream_saturated / circuit_open / shutting_down /
      │                                    shared_state_unavailable (gateway.shared), Retry-After
@@ -70,6 +73,27 @@ class AuthenticationFailed(GatewayError):
 class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
+
+
+class ModelNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class RateLimited(GatewayError):
+    """Over a key's quota: the `openai` SDK waits for `retry-after-ms` and tries again."""
+
+    status = 429
+    type = "rate_limit_error"
+    should_retry = True
+
+    def __init__(self, message: str, *, limit: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message, code="rate_limit_exceeded")
+        self.limit = limit  # requests, tokens or concurrent
+        self.limit_headers = dict(headers)
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self.limit_headers}
 
 
 class RequestTooLarge(GatewayError):

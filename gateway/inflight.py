@@ -12,6 +12,7 @@ import anyio
 
 from gateway.deadline import RequestBudget, clock
 from gateway.observability.trace_context import RequestTrace
+from gateway.tenants.buckets import Charge
 
 Phase = Literal["queued", "connecting", "waiting_first_token", "streaming", "done"]
 
@@ -62,6 +63,10 @@ class Exchange:
     hedge: str | None = None  # not_needed, fired, won or lost
     panic_routed: bool = False  # sent to an ejected target because every target was out
     picks: list[tuple[str, str]] = field(default_factory=list)  # (upstream, reason) balanced
+    key: str | None = None  # the API key's configured name (its tenant), when auth is on
+    priority: str = "normal"  # the key's class in every upstream's queue
+    chunks: int = 0  # content events relayed: what a stream cut short is charged for
+    charge: Charge | None = None  # what the key was charged, once settled (gateway.tenants)
     # The cancel scope the request is running in, if any: a disconnect cancels it.
     scope: anyio.CancelScope | None = None
 
@@ -95,6 +100,7 @@ class Exchange:
         since = self.last_content_at if self.last_content_at is not None else self.arrival
         return {
             "id": self.request_id,
+            "key": self.key,
             "route": self.route,
             "upstream": self.upstream,
             "phase": self.phase,

@@ -1,7 +1,8 @@
 """The proxy endpoint (pure ASGI): admit a request, fix its deadline, relay it, watch the client.
 
-auth → deadline hints → body (bounded size, bounded time) → JSON → route → budget
-then, with a watcher on `receive()` that cancels everything if the client goes away,
+auth → deadline hints → body (bounded size, bounded time) → JSON → route (may the key use
+it?) → budget → the key's quotas (gateway.tenants; settled when the request ends), then,
+with a watcher on `receive()` that cancels everything if the client goes away,
 the relay (`gateway.relay`) does the upstream exchange and answers every failure.
 """
 
@@ -13,14 +14,14 @@ import hmac
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
 from gateway import jsonbody
-from gateway.config import Config, Route, Target
+from gateway.config import ApiKey, Config, Route, Target
 from gateway.deadline import ClientHints, budget_ceiling, clock, parse_hints, resolve_budget
 from gateway.errors import (
     AuthenticationFailed,
@@ -28,6 +29,8 @@ from gateway.errors import (
     BudgetExceeded,
     GatewayError,
     InternalError,
+    ModelNotAllowed,
+    RateLimited,
     RequestTooLarge,
 )
 from gateway.inflight import Exchange, Inflight, new_request_id
@@ -37,6 +40,8 @@ from gateway.protocols.api import Api, unsupported
 from gateway.relay import Relay
 from gateway.responses import ClientGone, ResponseWriter
 from gateway.routing import Router
+from gateway.tenants.buckets import charge, estimate
+from gateway.tenants.quotas import Grant, Quotas
 from gateway.upstream import Upstream
 
 if TYPE_CHECKING:  # imported only when traces are configured
@@ -51,14 +56,18 @@ class Gateway:
     router: Router
     upstreams: Mapping[str, Upstream]
     inflight: Inflight
+    quotas: Quotas = field(default_factory=Quotas)
     tracing: Tracing | None = None  # `telemetry.traces` configured
 
-    def authenticate(self, headers: Mapping[str, str], key_header: str | None = None) -> None:
+    def authenticate(
+        self, headers: Mapping[str, str], key_header: str | None = None
+    ) -> ApiKey | None:
         """`Authorization: Bearer <key>`, or the endpoint's own key header (`x-api-key` on
-        /v1/messages, where the `anthropic` SDK sends it)."""
+        /v1/messages, where the `anthropic` SDK sends it): the key (its tenant), or None when
+        auth is off."""
         auth = self.config.auth
         if auth is None:
-            return
+            return None
         scheme, _, token = headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
         if not given and key_header is not None:
@@ -71,6 +80,7 @@ class Gateway:
             raise AuthenticationFailed(
                 f"Missing or invalid API key: send {how}.", code="invalid_api_key"
             )
+        return auth.keys[matches.index(True)]
 
 
 class ProxyEndpoint:
@@ -107,12 +117,25 @@ class ProxyEndpoint:
         writer: ResponseWriter,
     ) -> None:
         reply_headers = {"x-request-id": request_id}
+        key: ApiKey | None = None
+        grant: Grant | None = None
         try:
+            key = self.gateway.authenticate(headers, self.api.key_header)
             exchange, route, targets, body, payload = await self._admit(
-                arrival, headers, receive, request_id
+                arrival, headers, receive, request_id, key
             )
+            if key is not None and key.limits is not None:  # all a key without limits costs
+                completes = self.api.stream is not None  # embeddings generate nothing
+                grant = await self.gateway.quotas.admit(
+                    key, estimate(payload, len(body), completes=completes)
+                )
+                reply_headers.update(grant.headers)
         except GatewayError as error:
-            _finish(request_id, self.path, error.status, error.code, arrival)
+            limited = error.limit if isinstance(error, RateLimited) else None
+            name = key.name if key else None
+            _finish(
+                request_id, self.path, error.status, error.code, arrival, key=name, limited=limited
+            )
             if self.gateway.tracing is not None:
                 self.gateway.tracing.refused(
                     trace_context(headers),
@@ -125,7 +148,14 @@ class ProxyEndpoint:
             await writer.error(error, {**reply_headers, "server-timing": timing})
             return
         except ClientGone:
-            _finish(request_id, self.path, 499, "client_disconnect", arrival)
+            _finish(
+                request_id,
+                self.path,
+                499,
+                "client_disconnect",
+                arrival,
+                key=key.name if key else None,
+            )
             return
         trace = trace_context(headers)
         exchange.trace_id = trace_id(trace)
@@ -156,6 +186,8 @@ class ProxyEndpoint:
                 exchange.disconnected = True
             finally:
                 watcher.cancel()  # the response is done: stop watching
+                if grant is not None:  # charged what it used, whatever happened
+                    self._settle(grant, exchange)
         if exchange.disconnected:
             outcome, status = "client_disconnect", 499
         elif failure is not None:  # after the commit the client already has its 200
@@ -173,11 +205,21 @@ class ProxyEndpoint:
                 payload=payload,
             )
 
+    def _settle(self, grant: Grant, exchange: Exchange) -> None:
+        exchange.charge = charge(
+            exchange.usage, grant.estimate, answered=exchange.committed, chunks=exchange.chunks
+        )
+        self.gateway.quotas.settle(grant, exchange.charge.total)
+
     async def _admit(
-        self, arrival: float, headers: Mapping[str, str], receive: Receive, request_id: str
+        self,
+        arrival: float,
+        headers: Mapping[str, str],
+        receive: Receive,
+        request_id: str,
+        key: ApiKey | None,
     ) -> tuple[Exchange, Route, list[Target], bytes, dict[str, Any]]:
         config = self.gateway.config
-        self.gateway.authenticate(headers, self.api.key_header)
         limits = config.server.deadline
         hints = parse_hints(headers) if limits.client_headers else ClientHints()
         ceiling = budget_ceiling(arrival=arrival, limits=limits, hints=hints)
@@ -189,6 +231,12 @@ class ProxyEndpoint:
         payload, model, stream = parse_payload(body)
         stream = stream and self.api.stream is not None  # embeddings never stream
         route = self.gateway.router.route_for(model)
+        if key is not None and key.models is not None and route.model not in key.models:
+            raise ModelNotAllowed(
+                f"The key {key.name!r} may not use the model {route.model!r}.",
+                code="model_not_allowed",
+                param="model",
+            )
         targets = self._targets(route, model, payload)
         budget = resolve_budget(
             arrival=arrival, budget=route.budget, limits=limits, hints=hints, stream=stream
@@ -198,6 +246,8 @@ class ProxyEndpoint:
         exchange = Exchange(
             request_id=request_id, route=model, stream=stream, arrival=arrival, budget=budget
         )
+        if key is not None:
+            exchange.key, exchange.priority = key.name, key.priority
         return exchange, route, targets, body, payload
 
     def _targets(self, route: Route, model: str, payload: dict[str, Any]) -> list[Target]:
@@ -312,17 +362,26 @@ def _finish(
     arrival: float,
     exchange: Exchange | None = None,
     trace: str | None = None,
+    *,
+    key: str | None = None,
+    limited: str | None = None,
 ) -> None:
-    """The one place a request's end is recorded: its access line and its metrics."""
+    """The one place a request's end is recorded: its access line and its metrics. `key` is
+    the key's name when the request was refused before it had an Exchange; `limited`, the
+    quota that refused it."""
     now = clock()
     route = exchange.route if exchange is not None else "-"
+    key = exchange.key if exchange is not None else key
     if metrics_enabled():
         metrics.record_request(exchange, route=route, status=status, outcome=outcome, now=now)
+        if key is not None:
+            metrics.record_key(key, exchange, status=status, limited=limited)
     if not logs.ACCESS.isEnabledFor(logging.INFO):
         return  # nothing is built for a line that is not written
     fields: dict[str, object] = {
         "request_id": request_id,
         "trace_id": trace,
+        "key": key,
         "path": f"/v1/{path}",
         "route": route,
         "status": status,

@@ -242,7 +242,14 @@ class Relay:
         exchange.upstream = None
         queued_at = clock()
         members = {self.upstreams[t.upstream].bulkhead: t for t in line}
-        served = members[await Bulkhead.first_free(list(members), exchange.budget.deadline.at)]
+        served = members[
+            await Bulkhead.first_free(
+                list(members),
+                exchange.budget.deadline.at,
+                key=exchange.key or "",
+                priority=exchange.priority,
+            )
+        ]
         if served != picked:
             self._tries[picked] -= 1
             self._tries[served] = self._tries.get(served, 0) + 1

@@ -30,6 +30,7 @@ from gateway.inflight import Inflight
 from gateway.protocols.api import APIS
 from gateway.proxy import Gateway, ProxyEndpoint
 from gateway.routing import Router
+from gateway.tenants.quotas import Quotas
 from gateway.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -69,11 +70,15 @@ class Runtime:
         *,
         inflight: Inflight,
         shared: SharedSlots | None = None,
+        quotas: Quotas | None = None,
         tracing: Tracing | None = None,
         file_hash: str | None = None,
     ) -> None:
         self.inflight = inflight  # one registry for every generation: a drain sees them all
-        self.shared = shared  # the shared store and the tracer live as long as the process
+        # The shared store, the keys' quotas and the tracer live as long as the process: a
+        # reload changes a key's limits, not what it has used.
+        self.shared = shared
+        self.quotas = quotas if quotas is not None else Quotas()
         self.tracing = tracing
         self.current = self._build(1, config, {}, None, file_hash)
         self._retiring: list[Generation] = []  # replaced, with requests still in flight
@@ -147,6 +152,7 @@ class Runtime:
             router=Router(config, previous=router),
             upstreams=upstreams,
             inflight=self.inflight,
+            quotas=self.quotas,
             tracing=self.tracing,
         )
         endpoints = {f"/v1/{path}": ProxyEndpoint(gateway, api) for path, api in APIS.items()}

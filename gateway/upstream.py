@@ -1,4 +1,4 @@
-"""One upstream: a capped connection pool behind a bounded, FIFO, deadline-aware queue.
+"""One upstream: a capped connection pool behind a bounded, fair, deadline-aware queue.
 
 The bulkhead admits at most `max_connections` requests at once, so the HTTP client's own pool
 (sized the same) never makes anyone wait: all waiting happens here, where it is counted,
@@ -12,8 +12,6 @@ scope of the request's deadline (a read timeout would be a per-read idle gap, no
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import socket
 import time
@@ -33,8 +31,10 @@ from gateway.routing import overloaded, upstreams_fault
 from gateway.shared.policy import poll_s
 from gateway.shared.slots import SlotGate
 from gateway.sse import SSEProtocolError
+from gateway.tenants.fair_queue import Entry, FairQueue
 
 _RATE_WINDOW = 64  # recent slot releases that estimate a full queue's Retry-After
+_RATE_MIN = 8  # releases seen before the expected wait is trusted to refuse a request
 
 # What aiohttp's socket_factory is given: getaddrinfo()'s (family, type, proto, name, address).
 _AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
@@ -42,7 +42,9 @@ _AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
 
 class _Turn:
     """A waiter's place in line: set when it may start, with the bulkhead that served it, the
-    shared slot it was given (or the error that ends its wait)."""
+    shared slot it was given (or the error that ends its wait). A waiter for a pool stands in
+    several lines at once (`Bulkhead.first_free`): the first to serve it wins, the others skip
+    it."""
 
     __slots__ = ("by", "error", "event", "slot")
 
@@ -54,15 +56,16 @@ class _Turn:
 
 
 class Bulkhead:
-    """At most `limit` holders; waiters served earliest deadline first (a request with 2 s
-    left goes before one with 60 s left), at most `max_pending` of them."""
+    """At most `limit` holders; waiters served by priority class, then fair share among keys,
+    then earliest deadline (gateway.tenants.fair_queue), at most `max_pending` of them. A
+    request that could not start before its deadline, at the rate slots are freeing, is
+    refused at once rather than after waiting in vain."""
 
     def __init__(self, *, limit: int, max_pending: int) -> None:
         self.limit = limit
         self.max_pending = max_pending
         self.active = 0
-        self._waiters: list[tuple[float, int, _Turn]] = []  # a heap by deadline
-        self._order = itertools.count()  # equal deadlines: first come, first served
+        self._waiters: FairQueue[_Turn] = FairQueue()
         self._released: deque[float] = deque(maxlen=_RATE_WINDOW)  # when slots freed
 
     @property
@@ -74,55 +77,62 @@ class Bulkhead:
         """Slots held: what a balancer weighs against `limit`."""
         return self.active
 
-    async def acquire(self, deadline: float = math.inf) -> None:
-        """Take a slot, waiting in line if all are busy; shed at once if the line is full."""
+    async def acquire(
+        self, deadline: float = math.inf, *, key: str = "", priority: str = "normal"
+    ) -> None:
+        """Take a slot, waiting in line if all are busy; shed at once if the line is full
+        (or shed a waiter of a lower class in the newcomer's place)."""
         if self.active < self.limit and not self._waiters:
             self.active += 1
             return
-        if len(self._waiters) >= self.max_pending:
-            raise self._saturated()
+        self._make_room(priority)
+        self._check_wait(deadline, key, priority)
         turn = _Turn()
-        entry = (deadline, next(self._order), turn)
-        heapq.heappush(self._waiters, entry)
+        entry = self._waiters.push(turn, deadline=deadline, key=key, priority=priority)
         try:
             await turn.event.wait()
         except BaseException:
-            if turn.event.is_set():  # the slot was handed over as we were cancelled: pass it on
-                self.release()
+            if turn.by is not None:  # handed the slot as we were cancelled: pass it on
+                turn.by.release()
             else:
                 self._waiters.remove(entry)
-                heapq.heapify(self._waiters)
             raise
+        if turn.error is not None:
+            raise turn.error
 
     def release(self) -> None:
         self._released.append(clock())
         while self._waiters:  # hand the slot straight to the next
-            turn = heapq.heappop(self._waiters)[2]
-            if turn.by is None:  # not served by another line it waits in
+            turn = self._waiters.pop()
+            if turn.by is None and turn.error is None:  # not served or shed in another line
                 turn.by = self
                 turn.event.set()
                 return
         self.active -= 1
 
     @staticmethod
-    async def first_free(bulkheads: Sequence[Bulkhead], deadline: float = math.inf) -> Bulkhead:
+    async def first_free(
+        bulkheads: Sequence[Bulkhead],
+        deadline: float = math.inf,
+        *,
+        key: str = "",
+        priority: str = "normal",
+    ) -> Bulkhead:
         """A slot of whichever of `bulkheads` (a pool's members, all full) frees one first: the
-        waiter stands in every line at once, earliest deadline first in each, and leaves the
-        others when one serves it. Shed at once if every line is full."""
+        waiter stands in every line at once, in each in its class, key and deadline order,
+        and leaves the others when one serves it. Shed at once if every line is full."""
         for bulkhead in bulkheads:
             if bulkhead.active < bulkhead.limit and not bulkhead._waiters:
                 bulkhead.active += 1
                 return bulkhead
         turn = _Turn()
         lines = [
-            (bulkhead, (deadline, next(bulkhead._order), turn))
+            (bulkhead, bulkhead._waiters.push(turn, deadline=deadline, key=key, priority=priority))
             for bulkhead in bulkheads
             if len(bulkhead._waiters) < bulkhead.max_pending
         ]
         if not lines:
             raise bulkheads[0]._saturated()
-        for bulkhead, entry in lines:
-            heapq.heappush(bulkhead._waiters, entry)
         try:
             await turn.event.wait()
         except BaseException:
@@ -131,11 +141,43 @@ class Bulkhead:
             raise
         finally:
             for bulkhead, entry in lines:
-                if bulkhead is not turn.by and entry in bulkhead._waiters:
-                    bulkhead._waiters.remove(entry)
-                    heapq.heapify(bulkhead._waiters)
+                if bulkhead is not turn.by:
+                    bulkhead._waiters.remove(entry)  # a no-op where it was already popped
+        if turn.error is not None:
+            raise turn.error
         assert turn.by is not None  # set with the event
         return turn.by
+
+    def _make_room(self, priority: str) -> None:
+        """The queue is full: shed the newest waiter of the lowest class below `priority`,
+        or the newcomer itself. (An entry whose waiter was served in another of its lines
+        only leaves.)"""
+        while len(self._waiters) >= self.max_pending:
+            victim: Entry[_Turn] | None = self._waiters.victim(priority)
+            if victim is None:
+                raise self._saturated()
+            self._waiters.remove(victim)
+            if victim.item.by is None and victim.item.error is None:
+                victim.item.error = self._saturated()
+                victim.item.event.set()
+
+    def _check_wait(self, deadline: float, key: str, priority: str) -> None:
+        """504 at once when, at the rate slots have been freeing, the request's turn would
+        come after its deadline."""
+        if math.isinf(deadline) or len(self._released) < _RATE_MIN:
+            return
+        span = self._released[-1] - self._released[0]
+        if span <= 0:
+            return
+        per_s = (len(self._released) - 1) / span
+        ahead = self._waiters.ahead(deadline=deadline, key=key, priority=priority)
+        expected_s = (ahead + 1) / per_s
+        if expected_s > deadline - clock():
+            raise BudgetExceeded(
+                "total",
+                f"The request cannot start within its deadline: about {expected_s:.1f}s of "
+                f"queue ahead of it at this upstream.",
+            )
 
     def _saturated(self) -> Overloaded:
         return Overloaded(
@@ -169,16 +211,17 @@ class SharedBulkhead(Bulkhead):
         self._wake = anyio.Event()
         gate.bind(self._wake_up)
 
-    async def acquire(self, deadline: float = math.inf) -> None:
+    async def acquire(
+        self, deadline: float = math.inf, *, key: str = "", priority: str = "normal"
+    ) -> None:
         gate = self.gate
         if gate.admission() == "closed":
             raise gate.refusal()
         room = self.active < gate.local_limit(self.limit) and not self._waiters
-        if not room and len(self._waiters) >= self.max_pending:
-            raise self._saturated()
+        if not room:  # the expected wait is not judged: slots free in other processes too
+            self._make_room(priority)
         turn = _Turn()
-        entry = (deadline, next(self._order), turn)
-        heapq.heappush(self._waiters, entry)
+        entry = self._waiters.push(turn, deadline=deadline, key=key, priority=priority)
         if not self._dispatching:
             self._dispatching = True
             gate.start(self._dispatch)
@@ -190,7 +233,6 @@ class SharedBulkhead(Bulkhead):
                 self.release()
             elif not turn.event.is_set():
                 self._waiters.remove(entry)
-                heapq.heapify(self._waiters)
                 self._wake_up()
             raise
         if turn.error is not None:
@@ -241,7 +283,7 @@ class SharedBulkhead(Bulkhead):
     def _hand_over(self, slots: Sequence[str]) -> None:
         for slot in slots:
             if self._waiters:  # someone may have left while the store answered
-                turn = heapq.heappop(self._waiters)[2]
+                turn = self._waiters.pop()
                 turn.slot = slot
                 self.active += 1
                 turn.event.set()
@@ -250,7 +292,7 @@ class SharedBulkhead(Bulkhead):
 
     def _end_waits(self, error: Overloaded) -> None:
         while self._waiters:
-            turn = heapq.heappop(self._waiters)[2]
+            turn = self._waiters.pop()
             turn.error = error
             turn.event.set()
 

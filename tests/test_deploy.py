@@ -74,6 +74,10 @@ COUNTERS = {
     "llm_gateway_panic_routed",
     "llm_gateway_shared_ops",
     "llm_gateway_balance_picks",
+    "llm_gateway_key_requests",
+    "llm_gateway_key_tokens",
+    "llm_gateway_rate_limited",
+    "llm_gateway_shed",
 }
 HISTOGRAMS = {
     "llm_gateway_request_duration_seconds",
@@ -83,6 +87,7 @@ HISTOGRAMS = {
     "llm_gateway_pool_wait_seconds",
     "llm_gateway_deadline_budget_seconds",
     "llm_gateway_shared_op_seconds",
+    "llm_gateway_queue_wait_seconds",
 }
 GAUGES = {
     "llm_gateway_inflight_requests",

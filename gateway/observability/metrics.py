@@ -193,6 +193,50 @@ def count_spans_dropped(reason: str, count: int) -> None:
     _at(SPANS_DROPPED, reason).inc(count)
 
 
+# Tenants (gateway.tenants): per key (its configured name, never the key), and each upstream's
+# queue by priority class.
+KEY_REQUESTS = Counter(f"{P}key_requests", "Requests answered, by key.", ["key", "code"])
+KEY_TOKENS = Counter(
+    f"{P}key_tokens",
+    "Tokens charged to a key's quota: prompt and completion as the upstream reported them, "
+    "or estimated when it reported none (a stream cut short).",
+    ["key", "kind"],
+)
+RATE_LIMITED = Counter(
+    f"{P}rate_limited",
+    "Requests refused (429) by a key's quota: requests, tokens or concurrent.",
+    ["key", "limit"],
+)
+QUEUE_WAIT = Histogram(
+    f"{P}queue_wait_seconds",
+    "Time waiting for an upstream slot, by the key's priority class.",
+    ["upstream", "priority"],
+    buckets=_WAIT,
+)
+SHED = Counter(
+    f"{P}shed",
+    "Requests shed by a full upstream queue (503 upstream_saturated), by priority class.",
+    ["upstream", "priority"],
+)
+
+
+def record_key(key: str, exchange: Exchange | None, *, status: int, limited: str | None) -> None:
+    """One request of a key: its status, the limit that refused it, the tokens charged."""
+    _at(KEY_REQUESTS, key, str(status)).inc()
+    if limited is not None:
+        _at(RATE_LIMITED, key, limited).inc()
+    charge = exchange.charge if exchange is not None else None
+    if charge is None:
+        return
+    if charge.reported:
+        counts = {"prompt": charge.prompt, "completion": charge.completion}
+    else:
+        counts = {"estimated": charge.total}
+    for kind, count in counts.items():
+        if count > 0:
+            _at(KEY_TOKENS, key, kind).inc(count)
+
+
 _enabled = True
 # Bound children by label values: `.labels()` costs a tuple, a lock and a lookup on every call;
 # label values are config names and fixed words, so this stays small.
@@ -235,6 +279,10 @@ def record_request(
         if attempt.started:
             _at(POOL_WAIT, attempt.upstream).observe(attempt.started - attempt.queued_at)
             upstream_s += attempt.ended - attempt.started
+            wait = attempt.started - attempt.queued_at
+            _at(QUEUE_WAIT, attempt.upstream, exchange.priority).observe(wait)
+        elif attempt.outcome == "upstream_saturated":
+            _at(SHED, attempt.upstream, exchange.priority).inc()
         if attempt.ttft_s is not None:
             _at(TTFT, route, attempt.upstream).observe(attempt.ttft_s)
         if attempt.max_gap_s is not None:

@@ -7,6 +7,7 @@ renew_every_s     a lease is renewed three times per TTL, so one late renewal lo
 probe_every_s     while the store is down, how often it is tried again
 poll_s            how long a queue head waits for word of a freed slot before asking again
 per_worker        `serve --workers N` without `shared`: each worker's share of every cap
+                  and of every key's limits (share_limits)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from gateway.config import Config
+from gateway.config import Config, KeyLimits
 
 Admission = Literal["shared", "open", "local", "closed"]
 Transition = Literal["lost", "recovered"]
@@ -82,7 +83,26 @@ def per_worker(config: Config, workers: int) -> Config:
         )
         for upstream in config.upstreams
     )
-    return dataclasses.replace(config, upstreams=upstreams)
+    auth = config.auth
+    if auth is not None and any(key.limits is not None for key in auth.keys):
+        keys = tuple(
+            key
+            if key.limits is None
+            else dataclasses.replace(key, limits=share_limits(key.limits, workers))
+            for key in auth.keys
+        )
+        auth = dataclasses.replace(auth, keys=keys)
+    return dataclasses.replace(config, upstreams=upstreams, auth=auth)
+
+
+def share_limits(limits: KeyLimits, processes: int) -> KeyLimits:
+    """One process's share of a key's limits: ceil(limit / processes) each."""
+    return KeyLimits(
+        **{
+            name: None if value is None else math.ceil(value / processes)
+            for name, value in dataclasses.asdict(limits).items()
+        }
+    )
 
 
 def per_worker_line(config: Config, workers: int) -> str | None:

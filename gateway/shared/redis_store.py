@@ -93,6 +93,11 @@ class RedisSlotStore:
         self._renew = self._client.register_script(_RENEW)
         self._give_back = self._client.register_script(_GIVE_BACK)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The one connection pool to Redis, shared by every user of the store (quotas too)."""
+        return self._client
+
     def _key(self, pool: str) -> str:
         return f"{self._prefix}slots:{pool}"
 

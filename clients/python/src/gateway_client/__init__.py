@@ -19,6 +19,7 @@ from gateway_client._errors import (
     GatewayTimeout,
     Overloaded,
     RequestDeadlineExceeded,
+    retry_after,
 )
 from gateway_client._factories import (
     anthropic_client,
@@ -49,4 +50,5 @@ __all__ = [
     "http_client",
     "openai_client",
     "remaining",
+    "retry_after",
 ]

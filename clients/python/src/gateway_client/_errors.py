@@ -11,6 +11,10 @@
           ├── GatewayTimeout  (also a TimeoutError, above)
           └── Overloaded      503 upstream_saturated / circuit_open / shutting_down: retry_after
 
+A 429 over a key's quota (`rate_limit_exceeded`) stays the SDK's own `openai.RateLimitError`,
+so the SDK's retries (`max_retries`) wait for its `retry-after-ms` as they do with OpenAI;
+`retry_after(error.response.headers)` reads the wait when it is raised.
+
 `except TimeoutError` catches every budget failure; `except openai.APIError` keeps catching
 everything the gateway answers. With `anthropic` installed these are `anthropic.AnthropicError`s
 too: that SDK passes only its own errors through a transport unchanged (any other becomes its
@@ -132,7 +136,8 @@ def error_for(
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date."""
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date
+    (e.g. of a 429's `openai.RateLimitError`: `retry_after(error.response.headers)`)."""
     if (value := headers.get("retry-after-ms")) is not None:
         try:
             return _non_negative(float(value) / 1000)
