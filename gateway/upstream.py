@@ -340,9 +340,19 @@ class Upstream:
         """POST and return once the response headers are in; the caller reads the body, then
         hands the response to `close`."""
         assert self._session is not None, "Upstream.open() was not called"
-        response = await self._session.post(
-            self._base + path, data=body, headers={**headers, **self._static}, allow_redirects=False
-        )
+        url, headers = self._base + path, {**headers, **self._static}
+        try:
+            response = await self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
+        except _STALE_CONNECTION as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection at all: the retry policy's `connect`
+            # A pooled connection the upstream closed while it was idle (its keep-alive ran
+            # out first: vLLM's is 5 s): the request never reached it. Once more, on a new one.
+            response = await self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
         self._responses += 1
         return response
 
@@ -432,6 +442,10 @@ def mask_secrets(body: bytes, config: UpstreamConfig) -> bytes:
 # Only the client library's own classes: its timeouts subclass TimeoutError, as does our
 # BudgetExceeded, which must pass through untouched.
 UPSTREAM_ERRORS = (aiohttp.ClientError, SSEProtocolError, ValueError)
+
+
+# What sending on a pooled connection the upstream has closed raises, before any answer.
+_STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 def map_transport_error(exc: Exception) -> GatewayError:

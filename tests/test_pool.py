@@ -3,6 +3,9 @@ that is idle again after any mix of timeouts, cancellations and errors."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 
 import anyio
@@ -13,6 +16,7 @@ import pytest
 from tests.conftest import (
     CHAT,
     GatewayFactory,
+    RawServer,
     Simulator,
     SocketCounter,
     debug_state,
@@ -184,3 +188,68 @@ async def test_pool_is_idle_after_a_mix_of_failures(
                     group.start_soon(one, model, stream)
     wait_until_idle(server, within_s=3)
     simulator.wait_for(lambda s: s["open"] == 0)
+
+
+class ClosesIdleConnections(RawServer):
+    """An upstream whose keep-alive runs out as the gateway reuses the connection: it answers
+    the first request on each connection and drops the connection on the second, unanswered
+    (what a server closing an idle socket looks like to a client that sent at that moment)."""
+
+    ANSWER = json.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    ).encode()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = self.dropped = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if served:
+                    self.dropped += 1
+                    return  # closed without an answer
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER)
+                )
+                await writer.drain()
+                served += 1
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_pooled_connection_the_upstream_dropped_is_sent_again_on_a_new_one(
+    gateway: GatewayFactory,
+) -> None:
+    with ClosesIdleConnections() as upstream:
+        data = one_route(upstream={"base_url": f"http://127.0.0.1:{upstream.port}/v1"})
+        data["routes"][0]["upstream_stream"] = False
+        server = gateway(data)
+        for _ in range(3):
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json={"model": "m", "messages": CHAT},
+                timeout=10,
+            )
+            assert response.status_code == 200, response.text
+            assert response.headers["x-gateway-attempts"] == "1"  # not a retry of ours
+        assert (upstream.answered, upstream.dropped) == (3, 2)
