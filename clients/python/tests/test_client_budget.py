@@ -152,4 +152,7 @@ async def test_deadline(straggler_url: str, count: int) -> None:
         await gathered(sdk_calls(sdk, 1))
         elapsed, outcomes = await timed(lambda: gathered(sdk_calls(sdk, count)))
     assert_cut_off(outcomes, 1)
-    assert_in_time(elapsed)
+    # The first failure ends a gather, and the gateway may refuse a queued call at once (the
+    # demo caps an upstream at 32 connections; a call that cannot start within its budget is a
+    # 504 at once): only the upper bound is the client's word here.
+    assert elapsed <= BUDGET_S + WITHIN_S, f"{elapsed:.3f} s"
