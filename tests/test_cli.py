@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -103,36 +105,65 @@ def free_port() -> int:
 class Served:
     url: str
     process: subprocess.Popen[bytes]
-    output: str = ""  # everything the process printed, once it has stopped
+    log: Path  # where its output goes, readable while it runs
+
+    @property
+    def output(self) -> str:
+        """Everything the process printed so far (all of it, once it has stopped)."""
+        return self.log.read_text(errors="replace")
+
+    def debug_config(self) -> dict[str, Any]:
+        answer: dict[str, Any] = httpx.get(f"{self.url}/debug/config", timeout=5).json()
+        return answer
+
+    def wait_generation(self, number: int, within_s: float = 10.0) -> dict[str, Any]:
+        """/debug/config once the config generation `number` is loaded."""
+        deadline = time.monotonic() + within_s
+        while (state := self.debug_config())["generation"] != number:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never reached generation {number}: {state}")
+            time.sleep(0.05)
+        return state
 
 
-@contextmanager
-def serving(args: list[str], cwd: Path) -> Iterator[Served]:
-    """Run `llm-gateway serve ...`; yield its URL once /readyz says so, its output after."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]
-    process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
-    )
-    served = Served(url=f"http://127.0.0.1:{port}", process=process)
-    url = served.url
-    try:
-        if not wait_until_ready(f"{url}/readyz", process):
-            if process.poll() is None:
-                raise AssertionError("serve never became ready")
-            output = process.stdout.read().decode() if process.stdout else ""
-            raise AssertionError(f"serve exited with {process.returncode}:\n{output}")
-        yield served
-    finally:
+def start_cli(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """`llm-gateway ARGS...` as a real process, its output going to `log`."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *args],
+            cwd=cwd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within 15 s."""
+    if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stdout:
-            served.output = process.stdout.read().decode()
-            process.stdout.close()
+
+
+@contextmanager
+def serving(args: list[str], cwd: Path) -> Iterator[Served]:
+    """Run `llm-gateway serve ...`; yield it once /readyz says so; stop it after."""
+    port = free_port()
+    log = cwd / f"serve-{port}.log"
+    process = start_cli(["serve", "--port", str(port), *args], log, cwd)
+    served = Served(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    try:
+        if not wait_until_ready(f"{served.url}/readyz", process):
+            if process.poll() is None:
+                raise AssertionError(f"serve never became ready:\n{served.output}")
+            raise AssertionError(f"serve exited with {process.returncode}:\n{served.output}")
+        yield served
+    finally:
+        stop_process(process)
 
 
 def test_serve_without_config_runs_the_demo(tmp_path: Path) -> None:

@@ -7,13 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +18,8 @@ import yaml
 
 from gateway.config import parse_config
 from gateway.reload import keep_restart_only
-from gateway.testing import wait_until_ready
-from tests.conftest import CHAT, Simulator, SocketCounter, free_port
-
-
-@dataclass
-class Served:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def debug_config(self) -> dict[str, Any]:
-        answer: dict[str, Any] = httpx.get(f"{self.url}/debug/config", timeout=5).json()
-        return answer
-
-    def wait_generation(self, number: int, within_s: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + within_s
-        while (state := self.debug_config())["generation"] != number:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never reached generation {number}: {state}")
-            time.sleep(0.05)
-        return state
-
-
-@contextmanager
-def serving(args: list[str], cwd: Path) -> Iterator[Served]:
-    """`llm-gateway serve` with its output going to a file (read while it runs)."""
-    port = free_port()
-    log = cwd / f"serve-{port}.log"
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
-    served = Served(url=f"http://127.0.0.1:{port}", process=process, log=log)
-    try:
-        if not wait_until_ready(f"{served.url}/readyz", process):
-            raise AssertionError(f"serve never became ready:\n{served.output()}")
-        yield served
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from tests.conftest import CHAT, Simulator, SocketCounter
+from tests.test_cli import serving
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
@@ -135,7 +86,7 @@ def test_stream_keeps_its_idle_s_while_a_new_one_gets_the_reloaded_one(
     assert results["old"][-1] == "data: [DONE]"  # the old budget: all six tokens, 0.6 s gaps
     assert len(results["old"]) >= 7
     assert "upstream_idle_timeout" in results["new"][-1]
-    assert "event=config_reloaded trigger=sighup generation=2" in served.output()
+    assert "event=config_reloaded trigger=sighup generation=2" in served.output
 
 
 def test_a_broken_file_leaves_the_old_config_serving(tmp_path: Path, simulator: Simulator) -> None:
@@ -163,7 +114,7 @@ def test_a_broken_file_leaves_the_old_config_serving(tmp_path: Path, simulator: 
         write(path, good)  # fixed: the next reload clears the error
         served.process.send_signal(signal.SIGHUP)
         assert served.wait_generation(2)["last_error"] is None
-    failures = [line for line in served.output().splitlines() if "config_reload_failed" in line]
+    failures = [line for line in served.output.splitlines() if "config_reload_failed" in line]
     assert len(failures) == 1  # one line names every problem
     assert " ERROR " in failures[0]
     for error in errors:
@@ -191,7 +142,7 @@ def test_watched_file_removing_an_upstream_lets_its_stream_finish(
     assert len(results["old"]) >= 7  # every token of the removed upstream's stream
     assert results["new_upstream"] == "b"
     assert results["new"][-1] == "data: [DONE]"
-    line = next(line for line in served.output().splitlines() if "config_reloaded" in line)
+    line = next(line for line in served.output.splitlines() if "config_reloaded" in line)
     assert "trigger=file_changed" in line
     assert "upstreams_removed=a" in line
     assert "upstreams_kept=b" in line
@@ -302,7 +253,7 @@ def test_workers_each_reload_in_place(tmp_path: Path, simulator: Simulator) -> N
                 headers={"connection": "close"},
             )
             assert answer.status_code == 200
-    assert "replac" not in served.output().lower().replace("reloads its config in place", "")
+    assert "replac" not in served.output.lower().replace("reloads its config in place", "")
 
 
 def _generations(url: str, count: int) -> dict[str, float]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -27,48 +24,21 @@ import yaml
 
 from gateway.testing import wait_until_ready
 from tests.conftest import RedisServer, free_port
+from tests.test_cli import Served, start_cli, stop_process
 
 CAP = 4
 TTL_S = 1.5
 OK_ACQUIRES = '{op="acquire",outcome="ok"}'
 
 
-@dataclass
-class Process:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+class Process(Served):
+    """A replica: a `serve` process, whose metrics the tests read."""
 
     def metric(self, name: str, labels: str = "") -> float | None:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
             text = response.read().decode()
         match = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else None
-
-
-def _start(command: list[str], log: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    handle = log.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *command],
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-    )
-    handle.close()
-    return process, log
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -90,13 +60,13 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     """`llm-gateway simulate` in a process of its own, as a real upstream would be."""
     port = free_port()
     log = tmp_path_factory.mktemp("sim") / "sim.log"
-    process, _ = _start(["simulate", "--port", str(port), "--log-level", "warning"], log)
+    process = start_cli(["simulate", "--port", str(port), "--log-level", "warning"], log)
     try:
         if not wait_until_ready(f"http://127.0.0.1:{port}/sim/stats", process):
             raise AssertionError(f"the simulator did not start:\n{log.read_text()}")
         yield Upstream(f"http://127.0.0.1:{port}")
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def gateway_config(
@@ -147,12 +117,13 @@ def replicas(
         for i in range(count):
             port = free_port()
             command = ["serve", "--config", str(config), "--port", str(port), *args]
-            process, log = _start(command, directory / f"{config.stem}-{i}.log")
-            stack.callback(_stop, process)
+            log = directory / f"{config.stem}-{i}.log"
+            process = start_cli(command, log)
+            stack.callback(stop_process, process)
             started.append(Process(f"http://127.0.0.1:{port}", process, log))
         for replica in started:
             if not wait_until_ready(f"{replica.url}/readyz", replica.process):
-                raise AssertionError(f"serve did not start:\n{replica.output()}")
+                raise AssertionError(f"serve did not start:\n{replica.output}")
         yield started
 
 
@@ -297,7 +268,7 @@ async def test_redis_stopped_and_started_again_under_load(
         # last byte, so a slot handed straight to the next in line can read one more each.
         assert 0 < outage["peak_open"] <= CAP + len(gateways)
     for gateway in gateways:
-        output = gateway.output()
+        output = gateway.output
         assert output.count("WARNING gateway.shared shared state lost") == 1, output
         assert output.count("INFO gateway.shared shared state back") == 1, output
         assert f"on_failure={on_failure}" in output
@@ -337,7 +308,7 @@ async def test_workers_without_redis_divide_the_cap(tmp_path: Path, upstream: Up
         assert tally.codes == Counter({200: 16})
         assert 0 < upstream.stats()["peak_open"] <= 2
     line = "caps are per worker: upstream sim 2 -> 1 per worker"
-    assert gateway.output().count(line) == 1, gateway.output()
+    assert gateway.output.count(line) == 1, gateway.output
 
 
 async def _own_connection(url: str, tally: Tally) -> None:
