@@ -68,6 +68,7 @@ from bench._common import (
     machine,
     open_fds,
     out,
+    process_cpu_seconds,
     progress,
     rss_bytes,
     run_servers,
@@ -978,6 +979,8 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
             await control(upstream, "/control/hold")
             start = time.monotonic()
             sampler = asyncio.create_task(sample_peak(gateway.pid, results, n, start, ended, peak))
+            cpu_trace: list[tuple[float, float]] = []
+            cpu_sampler = asyncio.create_task(sample_cpu(gateway.pid, ended, cpu_trace))
             released_at, reason, held_at_release = 0.0, "", 0
             while True:
                 stats = await control(upstream, "/control/stats")
@@ -1011,6 +1014,7 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
                     r.failure, r.done = "did not end", time.monotonic()
             ended.set()
             await sampler
+            await cpu_sampler
         healthy_problems(run, f"healthy requests during {n} stalls", during.summary)
         gateway.check_alive()
         left = (await control(upstream, "/control/stats"))["open_streams"]
@@ -1036,7 +1040,7 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
             from_upstream.append(r.done - sent_s - IDLE_S)
     base_p99 = baseline.summary.get("latency", {}).get("p99_ms")
     during_p99 = during.summary.get("latency", {}).get("p99_ms")
-    expiry = expiry_window(idled, during.summary.pop("samples", []), base_p99)
+    expiry = expiry_window(idled, during.summary.pop("samples", []), base_p99, cpu_trace)
     growth = peak.rss - rss0 if peak.live else None
     return {
         "requested": requested,
@@ -1070,15 +1074,33 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
     }
 
 
+async def sample_cpu(pid: int, end: asyncio.Event, trace: list[tuple[float, float]]) -> None:
+    """(time.monotonic(), the gateway's CPU seconds) every 20 ms until `end`, and once after.
+    One process (a gateway w1): its own /proc/<pid>/stat, not the tree's (a scan of /proc)."""
+    while True:
+        trace.append((time.monotonic(), process_cpu_seconds(pid)))
+        if end.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(end.wait(), 0.02)
+
+
 def expiry_window(
-    idled: list[Result], samples: list[list[float | None]], base_p99: float | None
+    idled: list[Result],
+    samples: list[list[float | None]],
+    base_p99: float | None,
+    cpu_trace: list[tuple[float, float]],
 ) -> dict[str, Any]:
     """The healthy requests scheduled while the stalls expire (from the first idle deadline to
-    the last stream's end): their latency, and its p99 over the baseline's."""
+    the last stream's end): their latency, and its p99 over the baseline's; the gateway's CPU
+    in that window (from the samples just outside it), per expired stream."""
     if not idled:
         return {}
     start = min(r.last_event for r in idled) + IDLE_S
     end = max(r.done for r in idled)
+    before = [cpu for at, cpu in cpu_trace if at <= start]
+    after = [cpu for at, cpu in cpu_trace if at >= end]
+    cpu = after[0] - before[-1] if before and after else None
     inside = [lat for at, lat in samples if at is not None and start <= at <= end]
     ok = [lat for lat in inside if lat is not None]
     latency = ms_stats(ok)
@@ -1087,6 +1109,7 @@ def expiry_window(
         "healthy_requests": len(inside),
         "healthy_failed": len(inside) - len(ok),
         "healthy_latency": latency,
+        "cpu_us_per_expired_stream": 1e6 * cpu / len(idled) if cpu is not None else None,
         "healthy_added_p99_ms": latency["p99_ms"] - base_p99
         if latency and base_p99 is not None
         else None,
