@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway import heap
 from gateway.app import SIMULATOR_PREFIX, GatewayApp, create_app
 from gateway.config import LOG_FORMATS, ConfigError, ServerConfig, describe_config, load_config
 from gateway.demo import demo_config, demo_models
@@ -193,8 +194,11 @@ def app_factory() -> GatewayApp:
     if path is not None:
         config = load_config(path)
         HeaderTimeoutProtocol.header_timeout_s = config.server.header_timeout_s
-        return create_app(config, workers=int(os.environ.get(_WORKERS_ENV, "1")))
-    return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
+        app = create_app(config, workers=int(os.environ.get(_WORKERS_ENV, "1")))
+    else:
+        app = create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
+    heap.settle()  # what start-up built stays out of the collector's way
+    return app
 
 
 def _check_config(args: argparse.Namespace) -> int:
