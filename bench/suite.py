@@ -36,6 +36,7 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -54,6 +55,7 @@ import aiohttp
 import uvloop
 import yaml
 
+from bench import litellm_peer
 from bench._common import (
     HOST,
     BenchError,
@@ -191,6 +193,7 @@ class Run:
     """Everything one run gathers; `problems` are wrong answers (the exit code is then 1)."""
 
     params: Params
+    litellm: bool = False  # the peer, opt-in
     data: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -1172,6 +1175,58 @@ async def shared_calls(gateway: Server) -> dict[str, Any]:
     }
 
 
+async def peer(run: Run, tmp: Path, litellm: Server) -> None:
+    """LiteLLM on the proxy path's exchanges (a whole answer; a 50-event stream), wrk c=16,
+    beside gateway w1's numbers from the same run: the same upstream answers, so the ratios
+    compare the two proxies' work."""
+    p = run.params
+    via = Via(
+        litellm.name, f"{litellm.url}/v1/chat/completions", "bench", "bench-stream", litellm.pid
+    )
+    target = Target(via.url)
+    try:
+        for stream in (False, True):  # one checked answer of each kind
+            (result,) = await closed_loop(
+                target, target.request(via.body(stream)), count=1, concurrency=1, stream=stream
+            )
+            if result.failure or result.status != 200 or (stream and not result.done_seen):
+                raise BenchError(
+                    f"LiteLLM: a {'streaming' if stream else 'whole'} request got a wrong "
+                    f"answer: {result.failure or result.status} {result.body[:200]!r}"
+                )
+        await closed_loop(
+            target, target.request(via.body(False)), count=p.warmup // 5, concurrency=16
+        )
+    finally:
+        target.close()
+    whole = [await run_wrk(run, tmp, via, stream=False, concurrency=CPU_CONCURRENCY, cpu=True)]
+    streams = [await run_wrk(run, tmp, via, stream=True, concurrency=CPU_CONCURRENCY, cpu=True)]
+    section: dict[str, Any] = {
+        "version": litellm_peer.VERSION,
+        "workers": 1,
+        "whole": {
+            "rps": median([r.rps for r in whole]),
+            "us_per_request": median([1e6 * (r.cpu_s or 0.0) / r.requests for r in whole]),
+        },
+        "stream": {
+            "streams_per_s": median([r.rps for r in streams]),
+            "us_per_event": median(
+                [1e6 * (r.cpu_s or 0.0) / (r.requests * STREAM_EVENTS) for r in streams]
+            ),
+        },
+    }
+    gw_rps = _get(run.data, "throughput", "paths", "gateway w1", str(CPU_CONCURRENCY), "rps")
+    gw_event = _get(run.data, "streaming", "cpu", "us_per_event")
+    section["ratios"] = {
+        "rps_whole": gw_rps / section["whole"]["rps"] if gw_rps else None,
+        "cpu_per_event": section["stream"]["us_per_event"] / gw_event if gw_event else None,
+        "gateway": "gateway w1, routes bench (upstream_stream: false: a whole answer upstream, "
+        "as LiteLLM asks for one) and bench-stream, from the throughput and streaming sections",
+    }
+    run.data["litellm"] = section
+    progress("  LiteLLM: done")
+
+
 def run_all(run: Run, tmp: Path) -> None:
     setup = Setup(tmp)
     progress("starting the fast upstream and redis-server ...")
@@ -1191,6 +1246,12 @@ def run_all(run: Run, tmp: Path) -> None:
             "upstream_model": STALL,
             "runs": [],
         }
+        if run.litellm:
+            progress(f"LiteLLM {litellm_peer.VERSION}, the Python peer ...")
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download
+            spec = litellm_peer.server(tmp, upstream.url, {"bench": FAST, "bench-stream": STREAM})
+            with run_servers([spec]) as (litellm,):
+                uvloop.run(peer(run, tmp, litellm))
         run.data["stalls"] = stalls
         for n in run.params.stall_sizes:
             progress(f"stalled streams: {n:,} (a fresh gateway w1) ...")
@@ -1773,10 +1834,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
+    parser.add_argument(
+        "--litellm",
+        action="store_true",
+        help=f"also measure LiteLLM's proxy {litellm_peer.VERSION} (installed on first use "
+        "into its own venv, see bench/litellm_peer.py)",
+    )
     args = parser.parse_args(argv)
     params = SMOKE if args.smoke else FULL
     exit_on_sigterm()
-    run = Run(params)
+    run = Run(params, litellm=args.litellm)
     run.data.update(
         benchmark="suite", smoke=params.smoke, machine=machine(), params=dataclasses.asdict(params)
     )
