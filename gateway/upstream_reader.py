@@ -204,7 +204,8 @@ class IdleWatchdog:
         self.fired = False
         self.stopped = False
         self.max_gap = 0.0  # the longest gap between touches: a stream's worst stall
-        IdleWatchdogs.of(loop).add(self, self._last + idle_s)
+        self._watchdogs = IdleWatchdogs.of(loop)
+        self._watchdogs.add(self, self._last + idle_s)
 
     @property
     def due(self) -> float:
@@ -218,8 +219,12 @@ class IdleWatchdog:
         return now
 
     def stop(self) -> None:
+        if self.stopped:
+            return
         self.stopped = True
         self._scope = self._interrupt = None  # its heap entry may outlive the stream
+        if not self.fired:  # a fired one's entry has left the heap
+            self._watchdogs.retired()
         if self.fired:
             self.max_gap = max(self.max_gap, self._loop.time() - self._last)
 
@@ -239,6 +244,7 @@ class IdleWatchdogs:
     after all of them."""
 
     BATCH = 32
+    COMPACT_AT = 1024
     _loops: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleWatchdogs]] = (
         weakref.WeakKeyDictionary()
     )  # one per loop, made on first use: a loop belongs to one thread
@@ -249,6 +255,7 @@ class IdleWatchdogs:
         self._order = itertools.count()  # ties in the heap never compare watchdogs
         self._timer: asyncio.Handle | None = None
         self._timer_at = math.inf
+        self._stale = 0  # entries of stopped watchdogs, left in the heap until they come up
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> IdleWatchdogs:
@@ -265,6 +272,16 @@ class IdleWatchdogs:
         if due < self._timer_at:
             self._arm(due)
 
+    def retired(self) -> None:
+        """A watchdog stopped. Its entry stays until it comes up, unless stale entries are
+        most of a large heap (streams that end long before idle_s, many of them): then the
+        heap is rebuilt without them, so it holds about as many entries as live streams."""
+        self._stale += 1
+        if self._stale > self.COMPACT_AT and self._stale * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].stopped]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
     def _arm(self, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -277,6 +294,7 @@ class IdleWatchdogs:
         while heap and heap[0][0] <= now:
             _, _, watchdog = heapq.heappop(heap)
             if watchdog.stopped:
+                self._stale -= 1
                 continue
             due = watchdog.due
             if due > now:  # touched since it was filed

@@ -79,3 +79,15 @@ async def test_a_stream_not_waiting_for_its_upstream_is_cancelled_by_its_scope()
         IdleWatchdog(scope, 0.05, lambda error: False)  # busy writing to a slow client
         await asyncio.sleep(5)
     assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_streams_that_end_early_do_not_pile_up_in_the_heap() -> None:
+    watchdogs = IdleWatchdogs.of(asyncio.get_running_loop())
+    before = len(watchdogs)
+    for _ in range(5000):  # each ends long before its idle_s (300 s)
+        IdleWatchdog(anyio.CancelScope(), 300, lambda error: True).stop()
+    assert len(watchdogs) - before < 2500  # at most about 2 x COMPACT_AT stale entries
+    live = IdleWatchdog(anyio.CancelScope(), 300, lambda error: True)
+    assert len(watchdogs) - before < 2501
+    live.stop()
