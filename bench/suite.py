@@ -701,7 +701,10 @@ async def llm_traffic(run: Run, upstream: Server, gateway: Via) -> None:
 
     async def one_pass(target: Target, model: str, stream: bool) -> tuple[list[Result], float]:
         request = target.request(chat_body(model, stream=stream))
-        await paced(target, request, rate=rate, count=n, stream=stream)  # warm: connections
+        await paced(target, request, rate=rate, count=n, stream=stream)  # warm: pools
+        # The measured pass opens its own connections: reusing the warm pass's, idle for
+        # seconds, races the server's keep-alive timeout (a few were reset in the first run).
+        target.close()
         before = cpu_seconds(pid) if target is through else 0.0
         results = await paced(target, request, rate=rate, count=n, stream=stream, gaps=stream)
         cpu = cpu_seconds(pid) - before if target is through else 0.0
