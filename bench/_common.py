@@ -277,6 +277,12 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` alone: one read of /proc/<pid>/stat."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of one process (/proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -19,6 +19,7 @@ Control (GET or POST, any other path answers GET with 200 `{"status": "ok"}`):
     /control/hold         from now on a `stall` stream sends its headers and keep-alive
                           comments but holds back its content event ...
     /control/release      ... until this: every held stream sends it at once; holding ends
+                          (`?spread_ms=S`: one after another, spread evenly over S ms)
     /control/stats        JSON: requests, open connections and streams, `held`, the age of
                           the oldest held stream, `stall_arrived` (stall requests so far)
 
@@ -167,11 +168,16 @@ class State:
             self.behaviours[key] = parse_model(model, stream)
         return self.behaviours[key]
 
-    def release(self) -> None:
+    def release(self, spread_s: float = 0.0) -> None:
         self.holding = False
-        held, self.held = self.held, {}
-        for connection in held:
-            connection.send_stall_event()
+        held, self.held = list(self.held), {}
+        if spread_s <= 0 or len(held) < 2:
+            for connection in held:
+                connection.send_stall_event()
+            return
+        loop = asyncio.get_running_loop()
+        for i, connection in enumerate(held):
+            loop.call_later(i * spread_s / (len(held) - 1), connection.send_stall_event)
 
     def stats(self) -> bytes:
         now = time.monotonic()
@@ -269,8 +275,9 @@ class Connection(asyncio.Protocol):
         if url == b"/control/hold":
             self.state.holding = True
             self._write(_OK)
-        elif url == b"/control/release":
-            self.state.release()
+        elif url.startswith(b"/control/release"):
+            spread = re.search(rb"[?&]spread_ms=(\d+(?:\.\d+)?)", url)
+            self.state.release(float(spread.group(1)) / 1000 if spread else 0.0)
             self._write(_OK)
         elif url == b"/control/stats":
             self._write(_response("200 OK", self.state.stats()))
@@ -327,6 +334,8 @@ class Connection(asyncio.Protocol):
 
     def send_stall_event(self) -> None:
         """The stall stream's one content event, stamped with the send time; then comments."""
+        if self.transport is None:
+            return  # the client went while its event was due
         if self.timer is not None:
             self.timer.cancel()
         event = _content_event(self.model, bench_sent_ns=time.monotonic_ns())

@@ -61,6 +61,7 @@ class Result:
     error_event: bytes = b""  # a final `data: {"error": ...}` event, if any
     body: bytes = b""  # the first _KEEP_BODY bytes of a non-streaming body
     failure: str = ""  # a transport failure (connect, reset, parse), if any
+    gaps: list[float] | None = None  # set to [] to collect the gaps between content events
 
     @property
     def start(self) -> float:
@@ -139,6 +140,8 @@ class _Connection(asyncio.Protocol):
                 if result.events == 1:
                     result.first_event = now
                     result.first_data = event[6:]
+                elif result.gaps is not None:
+                    result.gaps.append(now - result.last_event)  # 0.0: came in the same read
                 result.last_event = now
 
     def on_message_complete(self) -> None:
@@ -265,9 +268,11 @@ async def paced(
     count: int,
     stream: bool = False,
     stop: asyncio.Event | None = None,
+    gaps: bool = False,
 ) -> list[Result]:
     """Up to `count` requests, request i due at start + i / rate (fewer if `stop` is set
-    first); returns when every one sent has answered."""
+    first); returns when every one sent has answered. With `gaps`, each stream's gaps between
+    content events are kept."""
     results: list[Result] = []
     tasks: set[asyncio.Task[Result]] = set()
     start = time.monotonic() + 0.01
@@ -278,7 +283,7 @@ async def paced(
             await asyncio.sleep(delay)
         if stop is not None and stop.is_set():
             break
-        result = Result(scheduled=due)
+        result = Result(scheduled=due, gaps=[] if gaps else None)
         results.append(result)
         task = asyncio.create_task(target.send(request, result, stream=stream))
         tasks.add(task)
@@ -393,6 +398,14 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
         data = summary(results, rate=args.rate, expect_status=args.expect_status)
         data["elapsed_s"] = time.monotonic() - start
+        if args.samples:  # for percentiles over a window the caller picks afterwards
+            data["samples"] = [
+                [
+                    r.scheduled,
+                    r.latency if not r.failure and r.status == args.expect_status else None,
+                ]
+                for r in results
+            ]
         data["peak_connections"] = target.peak_open
         return data
     finally:
@@ -411,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
     parser.add_argument(
         "--until-stdin-closes", action="store_true", help="stop early when stdin closes"
+    )
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="add every request's [scheduled, latency_s] (CLOCK_MONOTONIC) to the summary",
     )
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0:

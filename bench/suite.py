@@ -36,6 +36,7 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -54,6 +55,7 @@ import aiohttp
 import uvloop
 import yaml
 
+from bench import litellm_peer
 from bench._common import (
     HOST,
     BenchError,
@@ -68,6 +70,7 @@ from bench._common import (
     machine,
     open_fds,
     out,
+    process_cpu_seconds,
     progress,
     rss_bytes,
     run_servers,
@@ -92,12 +95,24 @@ FAST, STREAM = "fast", f"stream-{STREAM_EVENTS}x{STREAM_GAP_MS}ms"
 STALL, HANG = "stall-1000ms", "hang"
 IDLE_S, TTFT_S, STALL_TOTAL_S = 2.0, 5.0, 60.0
 HANG_TOTAL_S, MARGIN_S = 0.5, 0.05  # the gateway answers 504 at total_s - margin_s
+# LLM-shaped traffic: answers of 100 tokens 20 ms apart (50 tokens/s), and short answers of 12.
+LLM_EVENTS, LLM_GAP_MS = 100, 20
+LLM = f"stream-{LLM_EVENTS}x{LLM_GAP_MS}ms"
+ANSWER_EVENTS = 12
+ANSWER = f"stream-{ANSWER_EVENTS}x1ms"
+EXPIRY_SPREAD_MS = 500  # the stalled streams' last content events, spread over this
 ROUTES: dict[str, tuple[str, dict[str, float] | None]] = {
     "bench": (FAST, None),
     "bench-stream": (STREAM, None),
     "bench-stall": (STALL, {"idle_s": IDLE_S, "ttft_s": TTFT_S, "total_s": STALL_TOTAL_S}),
     "bench-hang": (HANG, {"total_s": HANG_TOTAL_S}),
+    "llm": (LLM, None),
+    "answer": (ANSWER, None),
+    "answer-optout": (ANSWER, None),
 }
+# Routes on the defaults a user has: a non-streaming call is streamed upstream and assembled.
+# The others are `upstream_stream: false` (the opt-out), as the proxy-path sections measure it.
+DEFAULT_ROUTES = frozenset({"llm", "answer"})
 CPU_CONCURRENCY = 16
 STALL_TARGET = 10_000
 STALL_WINDOW = 1000  # streams opened but not yet at the upstream (the gateway's backlog: 2048)
@@ -121,6 +136,8 @@ class Params:
     hang_rate: float
     stall_sizes: tuple[int, ...]
     warmup: int  # closed-loop requests per target before measuring
+    llm_streams: int  # concurrent LLM-shaped streams (and assembled answers)
+    llm_ramp_s: float  # they are opened over this
 
 
 FULL = Params(
@@ -136,6 +153,8 @@ FULL = Params(
     hang_rate=10,
     stall_sizes=(1000, 5000, STALL_TARGET),
     warmup=500,
+    llm_streams=1000,
+    llm_ramp_s=3.0,
 )
 SMOKE = Params(
     smoke=True,
@@ -150,6 +169,8 @@ SMOKE = Params(
     hang_rate=5,
     stall_sizes=(50,),
     warmup=50,
+    llm_streams=20,
+    llm_ramp_s=0.3,
 )
 
 
@@ -172,6 +193,7 @@ class Run:
     """Everything one run gathers; `problems` are wrong answers (the exit code is then 1)."""
 
     params: Params
+    litellm: bool = False  # the peer, opt-in
     data: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -232,9 +254,10 @@ def gateway_config(upstream_url: str) -> dict[str, Any]:
         }
         if budget is not None:
             route["budget"] = budget
-        # Non-streaming routes measure the proxy path: a call streamed upstream and assembled
-        # costs what a stream costs, which bench-stream measures per event.
-        route["upstream_stream"] = False
+        # The proxy-path routes opt out of assembling (the sections measuring them say so);
+        # the LLM-shaped ones keep the default.
+        if model not in DEFAULT_ROUTES:
+            route["upstream_stream"] = False
         routes.append(route)
     common = {"base_url": f"{upstream_url}/v1", "max_connections": 20000, "max_pending": 20000}
     upstreams = [
@@ -373,7 +396,7 @@ def via_proxy(server: Server, gateway: bool) -> Via:
 # --- checks and warm-up --------------------------------------------------------------------
 
 
-def check_answer(result: Result, *, stream: bool) -> str:
+def check_answer(result: Result, *, stream: bool, events: int = STREAM_EVENTS) -> str:
     """Why a normal answer is wrong ('' when it is right)."""
     if result.failure:
         return result.failure
@@ -387,16 +410,18 @@ def check_answer(result: Result, *, stream: bool) -> str:
         )
     if not result.done_seen:
         return f"stream without data: [DONE] ({result.events} events, error {result.error_event!r})"
-    if result.events != STREAM_EVENTS + 1:  # the content events and the finish_reason chunk
-        return f"{result.events} data events, not {STREAM_EVENTS} and the finish chunk"
+    if result.events != events + 1:  # the content events and the finish_reason chunk
+        return f"{result.events} data events, not {events} and the finish chunk"
     return ""
 
 
-def tally(run: Run, what: str, results: list[Result], *, stream: bool) -> None:
+def tally(
+    run: Run, what: str, results: list[Result], *, stream: bool, events: int = STREAM_EVENTS
+) -> None:
     """Count wrong answers among `results` as problems (one line per kind)."""
     counts: dict[str, int] = {}
     for result in results:
-        why = check_answer(result, stream=stream)
+        why = check_answer(result, stream=stream, events=events)
         if why:
             counts[why[:120]] = counts.get(why[:120], 0) + 1
     for why, n in counts.items():
@@ -643,6 +668,139 @@ async def streaming(
     run.data["streaming"] = section
 
 
+# --- LLM-shaped traffic --------------------------------------------------------------------
+
+
+def _gap_stats(results: list[Result]) -> dict[str, float]:
+    return ms_stats(g for r in results if not r.failure and r.gaps for g in r.gaps)
+
+
+def _added(path: dict[str, float], direct: dict[str, float]) -> dict[str, float]:
+    return {k: path[k] - direct[k] for k in ("p50_ms", "p99_ms") if k in path and k in direct}
+
+
+async def llm_traffic(run: Run, upstream: Server, gateway: Via) -> None:
+    """LLM-shaped streams (many at once, 100 content events 20 ms apart, opened over a few
+    seconds), direct and through gateway w1 on its defaults; then the same answers asked
+    without streaming (assembled by the gateway from the upstream's stream). Each pass is run
+    once unmeasured first, so that connections are open and pooled as in a steady state."""
+    p = run.params
+    n, rate = p.llm_streams, p.llm_streams / p.llm_ramp_s
+    direct = Target(f"{upstream.url}/v1/chat/completions", max_connections=n + 16)
+    through = Target(gateway.url, max_connections=n + 16)
+    pid = gateway.pid
+    assert pid is not None
+    section: dict[str, Any] = {
+        "streams": n,
+        "events": LLM_EVENTS,
+        "gap_ms": LLM_GAP_MS,
+        "opened_over_s": p.llm_ramp_s,
+        "settings": "defaults (no upstream_stream: false)",
+        "paths": {},
+    }
+
+    async def one_pass(target: Target, model: str, stream: bool) -> tuple[list[Result], float]:
+        request = target.request(chat_body(model, stream=stream))
+        await paced(target, request, rate=rate, count=n, stream=stream)  # warm: pools
+        # The measured pass opens its own connections: reusing the warm pass's, idle for
+        # seconds, races the server's keep-alive timeout (a few were reset in the first run).
+        target.close()
+        before = cpu_seconds(pid) if target is through else 0.0
+        results = await paced(target, request, rate=rate, count=n, stream=stream, gaps=stream)
+        cpu = cpu_seconds(pid) - before if target is through else 0.0
+        return results, cpu
+
+    try:
+        streamed: dict[str, list[Result]] = {}
+        for name, target, model in (("direct", direct, LLM), (gateway.name, through, "llm")):
+            results, cpu = await one_pass(target, model, True)
+            tally(run, f"LLM-shaped streams via {name}", results, stream=True, events=LLM_EVENTS)
+            ok = [r for r in results if not check_answer(r, stream=True, events=LLM_EVENTS)]
+            streamed[name] = results
+            entry: dict[str, Any] = {
+                "ok": len(ok),
+                "ttft": ms_stats(r.ttft for r in ok),
+                "gap": _gap_stats(ok),
+                "total": ms_stats(r.latency for r in ok),
+                "send_lag": ms_stats(max(0.0, r.sent - r.scheduled) for r in results if r.sent),
+            }
+            if target is through:
+                events = sum(r.events for r in ok)
+                entry["cpu"] = {"s": cpu, "us_per_event": 1e6 * cpu / events if events else None}
+            section["paths"][name] = entry
+            progress(f"  LLM-shaped streams via {name}: done")
+        d, g = section["paths"]["direct"], section["paths"][gateway.name]
+        g["added"] = {
+            "ttft": _added(g["ttft"], d["ttft"]),
+            "gap": _added(g["gap"], d["gap"]),
+            "total": _added(g["total"], d["total"]),
+        }
+        results, cpu = await one_pass(through, "llm", False)
+        tally(run, "LLM-shaped answers assembled", results, stream=False)
+        ok = [r for r in results if not check_answer(r, stream=False)]
+        latency = ms_stats(r.latency for r in ok)
+        section["assembled"] = {
+            "ok": len(ok),
+            "latency": latency,
+            "added_vs_direct_stream_total": _added(latency, d["total"]),
+            "cpu": {
+                "s": cpu,
+                "us_per_request": 1e6 * cpu / len(ok) if ok else None,
+                "us_per_event": 1e6 * cpu / (len(ok) * (LLM_EVENTS + 1)) if ok else None,
+            },
+        }
+        progress("  LLM-shaped answers assembled: done")
+    finally:
+        direct.close()
+        through.close()
+    run.data["llm"] = section
+
+
+async def short_answers(run: Run, tmp: Path, gateway: Via) -> None:
+    """Non-streaming calls of a 12-event answer, wrk c=16: the default path (streamed upstream,
+    assembled) against `upstream_stream: false` (the opt-out: a whole answer upstream);
+    then one stream alone (wrk c=1): CPU per relayed event when no other stream shares the
+    loop's wake-ups."""
+    p = run.params
+    default = dataclasses.replace(gateway, name=f"{gateway.name} answer", fast_model="answer")
+    optout = dataclasses.replace(
+        gateway, name=f"{gateway.name} answer opt-out", fast_model="answer-optout"
+    )
+    rounds: dict[str, list[WrkResult]] = {default.name: [], optout.name: []}
+    for i in range(p.rounds):
+        for via in (default, optout) if i % 2 == 0 else (optout, default):
+            rounds[via.name].append(
+                await run_wrk(run, tmp, via, stream=False, concurrency=CPU_CONCURRENCY, cpu=True)
+            )
+    section: dict[str, Any] = {"events": ANSWER_EVENTS, "concurrency": CPU_CONCURRENCY}
+    for key, via in (("default", default), ("opt_out", optout)):
+        results = rounds[via.name]
+        section[key] = {
+            "route": via.fast_model,
+            "rps": median([r.rps for r in results]),
+            "p50_ms": median([r.p50_ms for r in results]),
+            "p99_ms": median([r.p99_ms for r in results]),
+            "us_per_request": median(
+                [1e6 * (r.cpu_s or 0.0) / r.requests for r in results if r.requests]
+            ),
+        }
+    section["opt_out"]["label"] = "upstream_stream: false (an opt-out, not the default)"
+    lone = [
+        await run_wrk(run, tmp, gateway, stream=True, concurrency=1, cpu=True)
+        for _ in range(p.rounds)
+    ]
+    section["lone_stream"] = {
+        "events": STREAM_EVENTS,
+        "gap_ms": STREAM_GAP_MS,
+        "streams_per_s": median([r.rps for r in lone]),
+        "us_per_event": median(
+            [1e6 * (r.cpu_s or 0.0) / (r.requests * STREAM_EVENTS) for r in lone if r.requests]
+        ),
+    }
+    run.data["answers"] = section
+    progress("  short answers and the lone stream: done")
+
+
 # --- background healthy load -------------------------------------------------------------
 
 
@@ -653,10 +811,11 @@ class Background:
 
 @contextlib.asynccontextmanager
 async def background_load(
-    url: str, model: str, rate: float, max_s: float
+    url: str, model: str, rate: float, max_s: float, *, samples: bool = False
 ) -> AsyncIterator[Background]:
     """`bench.loadgen` in its own process, paced; measuring from its READY until the block
-    ends (its stdin is then closed), at most `max_s`. Always stopped."""
+    ends (its stdin is then closed), at most `max_s`. Always stopped. With `samples`, its
+    summary has every request's [scheduled, latency_s], for a window picked afterwards."""
     command = [
         sys.executable,
         "-m",
@@ -670,9 +829,10 @@ async def background_load(
         "--duration",
         str(max_s),
         "--until-stdin-closes",
+        *(["--samples"] if samples else []),
     ]
     process = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**26
     )
     assert process.stdin is not None
     assert process.stdout is not None
@@ -798,8 +958,9 @@ def stall_outcome(result: Result) -> str:
 
 async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dict[str, Any]:
     """n streams to bench-stall opened together (as fast as the gateway takes them), held at
-    the upstream until all have arrived, then released: one content event each, then only
-    comments, until the gateway ends each one idle_s later."""
+    the upstream until all have arrived, then released one after another over
+    EXPIRY_SPREAD_MS: one content event each, then only comments, until the gateway ends each
+    one idle_s later; so the idle deadlines of all fall within that spread."""
     p = run.params
     url = f"{gateway.url}/v1/chat/completions"
     via = Via(gateway.name, url, "bench", "bench-stream", gateway.pid)
@@ -819,11 +980,13 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
         results: list[Result] = []
         tasks: list[asyncio.Task[Result]] = []
         peak, ended = Peak(), asyncio.Event()
-        async with background_load(url, "bench", p.healthy_rate, 600) as during:
+        async with background_load(url, "bench", p.healthy_rate, 600, samples=True) as during:
             arrived0 = (await control(upstream, "/control/stats"))["stall_arrived"]
             await control(upstream, "/control/hold")
             start = time.monotonic()
             sampler = asyncio.create_task(sample_peak(gateway.pid, results, n, start, ended, peak))
+            cpu_trace: list[tuple[float, float]] = []
+            cpu_sampler = asyncio.create_task(sample_cpu(gateway.pid, ended, cpu_trace))
             released_at, reason, held_at_release = 0.0, "", 0
             while True:
                 stats = await control(upstream, "/control/stats")
@@ -841,7 +1004,7 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
                         reason = f"time limit {RAMP_LIMIT_S:g} s"
                     if reason:
                         held_at_release = stats["held"]
-                        await control(upstream, "/control/release")
+                        await control(upstream, f"/control/release?spread_ms={EXPIRY_SPREAD_MS}")
                         released_at = time.monotonic()
                 late = time.monotonic() - start > RAMP_LIMIT_S  # opens that never arrive
                 if released_at and (len(results) == n or late):
@@ -857,6 +1020,7 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
                     r.failure, r.done = "did not end", time.monotonic()
             ended.set()
             await sampler
+            await cpu_sampler
         healthy_problems(run, f"healthy requests during {n} stalls", during.summary)
         gateway.check_alive()
         left = (await control(upstream, "/control/stats"))["open_streams"]
@@ -882,6 +1046,7 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
             from_upstream.append(r.done - sent_s - IDLE_S)
     base_p99 = baseline.summary.get("latency", {}).get("p99_ms")
     during_p99 = during.summary.get("latency", {}).get("p99_ms")
+    expiry = expiry_window(idled, during.summary.pop("samples", []), base_p99, cpu_trace)
     growth = peak.rss - rss0 if peak.live else None
     return {
         "requested": requested,
@@ -911,6 +1076,49 @@ async def stall_run(run: Run, gateway: Server, upstream_url: str, n: int) -> dic
         "healthy_added_p99_ms": during_p99 - base_p99
         if during_p99 is not None and base_p99 is not None
         else None,
+        "expiry": expiry,
+    }
+
+
+async def sample_cpu(pid: int, end: asyncio.Event, trace: list[tuple[float, float]]) -> None:
+    """(time.monotonic(), the gateway's CPU seconds) every 20 ms until `end`, and once after.
+    One process (a gateway w1): its own /proc/<pid>/stat, not the tree's (a scan of /proc)."""
+    while True:
+        trace.append((time.monotonic(), process_cpu_seconds(pid)))
+        if end.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(end.wait(), 0.02)
+
+
+def expiry_window(
+    idled: list[Result],
+    samples: list[list[float | None]],
+    base_p99: float | None,
+    cpu_trace: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """The healthy requests scheduled while the stalls expire (from the first idle deadline to
+    the last stream's end): their latency, and its p99 over the baseline's; the gateway's CPU
+    in that window (from the samples just outside it), per expired stream."""
+    if not idled:
+        return {}
+    start = min(r.last_event for r in idled) + IDLE_S
+    end = max(r.done for r in idled)
+    before = [cpu for at, cpu in cpu_trace if at <= start]
+    after = [cpu for at, cpu in cpu_trace if at >= end]
+    cpu = after[0] - before[-1] if before and after else None
+    inside = [lat for at, lat in samples if at is not None and start <= at <= end]
+    ok = [lat for lat in inside if lat is not None]
+    latency = ms_stats(ok)
+    return {
+        "window_s": end - start,
+        "healthy_requests": len(inside),
+        "healthy_failed": len(inside) - len(ok),
+        "healthy_latency": latency,
+        "cpu_us_per_expired_stream": 1e6 * cpu / len(idled) if cpu is not None else None,
+        "healthy_added_p99_ms": latency["p99_ms"] - base_p99
+        if latency and base_p99 is not None
+        else None,
     }
 
 
@@ -935,6 +1143,10 @@ async def main_phase(run: Run, tmp: Path, servers: dict[str, Server]) -> None:
         await latency(run, paced_vias, targets)
         progress("streaming ...")
         await streaming(run, tmp, paced_vias, targets, vias[2])
+        progress("LLM-shaped streams and assembled answers ...")
+        await llm_traffic(run, upstream, vias[2])
+        progress("short answers: the default path and the opt-out; a lone stream ...")
+        await short_answers(run, tmp, vias[2])
     finally:
         for target in targets.values():
             target.close()
@@ -966,6 +1178,58 @@ async def shared_calls(gateway: Server) -> dict[str, Any]:
     }
 
 
+async def peer(run: Run, tmp: Path, litellm: Server) -> None:
+    """LiteLLM on the proxy path's exchanges (a whole answer; a 50-event stream), wrk c=16,
+    beside gateway w1's numbers from the same run: the same upstream answers, so the ratios
+    compare the two proxies' work."""
+    p = run.params
+    via = Via(
+        litellm.name, f"{litellm.url}/v1/chat/completions", "bench", "bench-stream", litellm.pid
+    )
+    target = Target(via.url)
+    try:
+        for stream in (False, True):  # one checked answer of each kind
+            (result,) = await closed_loop(
+                target, target.request(via.body(stream)), count=1, concurrency=1, stream=stream
+            )
+            if result.failure or result.status != 200 or (stream and not result.done_seen):
+                raise BenchError(
+                    f"LiteLLM: a {'streaming' if stream else 'whole'} request got a wrong "
+                    f"answer: {result.failure or result.status} {result.body[:200]!r}"
+                )
+        await closed_loop(
+            target, target.request(via.body(False)), count=p.warmup // 5, concurrency=16
+        )
+    finally:
+        target.close()
+    whole = [await run_wrk(run, tmp, via, stream=False, concurrency=CPU_CONCURRENCY, cpu=True)]
+    streams = [await run_wrk(run, tmp, via, stream=True, concurrency=CPU_CONCURRENCY, cpu=True)]
+    section: dict[str, Any] = {
+        "version": litellm_peer.VERSION,
+        "workers": 1,
+        "whole": {
+            "rps": median([r.rps for r in whole]),
+            "us_per_request": median([1e6 * (r.cpu_s or 0.0) / r.requests for r in whole]),
+        },
+        "stream": {
+            "streams_per_s": median([r.rps for r in streams]),
+            "us_per_event": median(
+                [1e6 * (r.cpu_s or 0.0) / (r.requests * STREAM_EVENTS) for r in streams]
+            ),
+        },
+    }
+    gw_rps = _get(run.data, "throughput", "paths", "gateway w1", str(CPU_CONCURRENCY), "rps")
+    gw_event = _get(run.data, "streaming", "cpu", "us_per_event")
+    section["ratios"] = {
+        "rps_whole": gw_rps / section["whole"]["rps"] if gw_rps else None,
+        "cpu_per_event": section["stream"]["us_per_event"] / gw_event if gw_event else None,
+        "gateway": "gateway w1, routes bench (upstream_stream: false: a whole answer upstream, "
+        "as LiteLLM asks for one) and bench-stream, from the throughput and streaming sections",
+    }
+    run.data["litellm"] = section
+    progress("  LiteLLM: done")
+
+
 def run_all(run: Run, tmp: Path) -> None:
     setup = Setup(tmp)
     progress("starting the fast upstream and redis-server ...")
@@ -985,6 +1249,12 @@ def run_all(run: Run, tmp: Path) -> None:
             "upstream_model": STALL,
             "runs": [],
         }
+        if run.litellm:
+            progress(f"LiteLLM {litellm_peer.VERSION}, the Python peer ...")
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download
+            spec = litellm_peer.server(tmp, upstream.url, {"bench": FAST, "bench-stream": STREAM})
+            with run_servers([spec]) as (litellm,):
+                uvloop.run(peer(run, tmp, litellm))
         run.data["stalls"] = stalls
         for n in run.params.stall_sizes:
             progress(f"stalled streams: {n:,} (a fresh gateway w1) ...")
@@ -1047,15 +1317,136 @@ def goals(data: dict[str, Any], params: Params) -> list[Goal]:
     largest = max(stall_runs, key=lambda r: r["streams"], default=None)
     per_stream_kb = largest and largest["rss_per_stream_kb"]
     lateness = [r["late_past_idle"].get("max_ms") for r in stall_runs if r["late_past_idle"]]
+    expiry_run = next((r for r in stall_runs if r["streams"] == 5000), largest)
+    llm = data.get("llm", {})
+    llm_gw: dict[str, Any] = {}
+    for name, value in (_get(llm, "paths") or {}).items():
+        if name != "direct":
+            llm_gw = value
+    answers = data.get("answers", {})
+    peer = data.get("litellm", {})
     all_idled = all(r["ended_by_idle"] == r["streams"] for r in stall_runs) and stall_runs
     late_max = max(lateness) if lateness and all_idled else (math.inf if stall_runs else None)
-    return [
+    llm_goals = [
         Goal(
-            "gateway CPU per non-streaming request",
+            "CPU per relayed event, LLM-shaped streams",
+            10,
+            "us",
+            True,
+            f"gateway w1 defaults, {params.llm_streams:,} streams of {LLM_EVENTS} events "
+            f"{LLM_GAP_MS} ms apart: CPU / content events",
+            _get(llm_gw, "cpu", "us_per_event"),
+        ),
+        Goal(
+            "added TTFT p99, LLM-shaped streams",
+            2,
+            "ms",
+            True,
+            "gateway w1 p99 minus direct p99, same run",
+            _get(llm_gw, "added", "ttft", "p99_ms"),
+        ),
+        Goal(
+            "added gap between events p99, LLM-shaped streams",
+            2,
+            "ms",
+            True,
+            "every gap between two content events: gateway w1 p99 minus direct p99",
+            _get(llm_gw, "added", "gap", "p99_ms"),
+        ),
+        Goal(
+            "CPU per assembled event, the same answers not streamed",
+            10,
+            "us",
+            True,
+            "gateway w1 defaults (streamed upstream, assembled): CPU / upstream content events",
+            _get(llm, "assembled", "cpu", "us_per_event"),
+        ),
+        Goal(
+            f"CPU per non-streaming request, {ANSWER_EVENTS}-event answer (default path)",
+            300,
+            "us",
+            True,
+            f"gateway w1, route `answer`, wrk c={CPU_CONCURRENCY}: CPU / requests",
+            _get(answers, "default", "us_per_request"),
+        ),
+        Goal(
+            f"CPU per non-streaming request, {ANSWER_EVENTS}-event answer (opt-out)",
             200,
             "us",
             True,
-            f"gateway w1, wrk c={CPU_CONCURRENCY}: (utime+stime) / requests",
+            f"gateway w1, route `answer-optout` (upstream_stream: false), wrk c={CPU_CONCURRENCY}",
+            _get(answers, "opt_out", "us_per_request"),
+        ),
+        Goal(
+            "CPU per event, a lone stream",
+            40,
+            "us",
+            True,
+            f"gateway w1, wrk c=1, {STREAM_EVENTS} events {STREAM_GAP_MS} ms apart",
+            _get(answers, "lone_stream", "us_per_event"),
+        ),
+        Goal(
+            "healthy added p99 while stalls expire together",
+            50,
+            "ms",
+            True,
+            f"{(expiry_run or {}).get('streams', 0):,} stalls, idle deadlines within "
+            f"{EXPIRY_SPREAD_MS} ms; healthy requests scheduled in the expiry window",
+            _get(expiry_run or {}, "expiry", "healthy_added_p99_ms"),
+        ),
+        Goal(
+            "stalls ended late past idle_s, p99 (expiring together)",
+            100,
+            "ms",
+            True,
+            "the same run: last content event (client side) to the stream's end, minus idle_s",
+            _get(expiry_run or {}, "late_past_idle", "p99_ms"),
+        ),
+        Goal(
+            "stalls ended late past idle_s, max (expiring together)",
+            250,
+            "ms",
+            True,
+            "the same run",
+            _get(expiry_run or {}, "late_past_idle", "max_ms"),
+        ),
+        Goal(
+            "RSS per stalled stream",
+            40,
+            "kB",
+            True,
+            "largest run, growth per live stream at the peak",
+            per_stream_kb,
+        ),
+    ]
+    if peer:
+        llm_goals += [
+            Goal(
+                "throughput over LiteLLM's, non-streaming",
+                10,
+                "x",
+                False,
+                f"wrk c={CPU_CONCURRENCY}, same upstream answer: gateway w1 req/s / LiteLLM's",
+                _get(peer, "ratios", "rps_whole"),
+            ),
+            Goal(
+                "CPU per event, LiteLLM's over the gateway's",
+                10,
+                "x",
+                False,
+                f"wrk c={CPU_CONCURRENCY} streams of {STREAM_EVENTS} events: LiteLLM / gateway w1",
+                _get(peer, "ratios", "cpu_per_event"),
+            ),
+        ]
+    return [
+        *llm_goals,
+        Goal(
+            "gateway CPU per non-streaming request (opt-out, `fast`)",
+            200,
+            "us",
+            True,
+            f"gateway w1, upstream_stream: false, wrk c={CPU_CONCURRENCY}: (utime+stime) / "
+            "requests",
             _get(tp, "cpu", "gateway w1", "us_per_request"),
         ),
         Goal(
@@ -1238,6 +1629,7 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
             f"({st['cpu']['us_per_stream']:.0f} us per stream)"
         )
     yield ""
+    yield from report_llm(data)
     yield from report_shared(data)
     dl = data["deadline"]
     late, budget = dl["late_vs_deadline"], dl["late_vs_budget"]
@@ -1270,6 +1662,7 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
                 _f(late.get("p99_ms"), 1),
                 _f(late.get("max_ms"), 1),
                 _f(r["healthy_added_p99_ms"]),
+                _f(r["expiry"].get("healthy_added_p99_ms")),
             ]
         )
     yield table(
@@ -1285,6 +1678,7 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
             "p99",
             "max ms",
             "healthy +p99 ms",
+            "in expiry",
         ],
         rows,
     )
@@ -1301,6 +1695,73 @@ def report(data: dict[str, Any], params: Params) -> Iterator[str]:
         met = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
         rows.append([g["target"], f"{sign} {g['limit']:,g} {g['unit']}", _f(g["value"]), met])
     yield table(["target", "limit", "value", ""], rows)
+
+
+def report_llm(data: dict[str, Any]) -> Iterator[str]:
+    """The LLM-shaped sections: many long streams, the same answers assembled, short answers
+    on the default path and the opt-out, a lone stream, and the peer if it ran."""
+    llm = data["llm"]
+    yield (
+        f"LLM-shaped streams: {llm['streams']:,} opened over {llm['opened_over_s']:g} s, "
+        f"{llm['events']} events {llm['gap_ms']} ms apart, {llm['settings']}; ms"
+    )
+    rows = []
+    for name, s in llm["paths"].items():
+        added = s.get("added", {})
+        rows.append(
+            [
+                name,
+                _f(s["ttft"].get("p50_ms"), 3),
+                _f(s["ttft"].get("p99_ms"), 3),
+                _f(s["gap"].get("p99_ms"), 3),
+                _f(added.get("ttft", {}).get("p50_ms"), 3),
+                _f(added.get("ttft", {}).get("p99_ms"), 3),
+                _f(added.get("gap", {}).get("p99_ms"), 3),
+                _f(s.get("cpu", {}).get("us_per_event"), 1),
+            ]
+        )
+    yield table(
+        [
+            "path",
+            "TTFT p50",
+            "p99",
+            "gap p99",
+            "+TTFT p50",
+            "+TTFT p99",
+            "+gap p99",
+            "CPU us/event",
+        ],
+        rows,
+    )
+    a = llm["assembled"]
+    yield (
+        "the same answers not streamed (assembled, defaults): CPU "
+        f"{_f(a['cpu']['us_per_request'], 0)} us per request, "
+        f"{_f(a['cpu']['us_per_event'], 1)} us per assembled event; added vs "
+        f"direct stream's end p50 {_f(a['added_vs_direct_stream_total'].get('p50_ms'), 3)} ms, "
+        f"p99 {_f(a['added_vs_direct_stream_total'].get('p99_ms'), 3)} ms"
+    )
+    ans = data["answers"]
+    d, o, lone = ans["default"], ans["opt_out"], ans["lone_stream"]
+    yield (
+        f"{ans['events']}-event answers not streamed, wrk c={ans['concurrency']}: default "
+        f"(assembled) {_f(d['us_per_request'], 0)} us per request, {d['rps']:,.0f} req/s; "
+        f"opt-out ({o['label']}) {_f(o['us_per_request'], 0)} us, {o['rps']:,.0f} req/s"
+    )
+    yield (
+        f"a lone stream ({lone['events']} events {lone['gap_ms']} ms apart, wrk c=1): "
+        f"{_f(lone['us_per_event'], 1)} us per event"
+    )
+    peer = data.get("litellm")
+    if peer:
+        yield (
+            f"LiteLLM {peer['version']} (1 worker), wrk c={CPU_CONCURRENCY}: non-streaming "
+            f"{peer['whole']['rps']:,.0f} req/s at {_f(peer['whole']['us_per_request'], 0)} us "
+            f"per request; streams {_f(peer['stream']['us_per_event'], 1)} us per event. "
+            f"Gateway w1 x{_f(peer['ratios']['rps_whole'], 1)} the req/s, "
+            f"1/{_f(peer['ratios']['cpu_per_event'], 1)} the CPU per event"
+        )
+    yield ""
 
 
 def report_shared(data: dict[str, Any]) -> Iterator[str]:
@@ -1376,10 +1837,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks the harness")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
+    parser.add_argument(
+        "--litellm",
+        action="store_true",
+        help=f"also measure LiteLLM's proxy {litellm_peer.VERSION} (installed on first use "
+        "into its own venv, see bench/litellm_peer.py)",
+    )
     args = parser.parse_args(argv)
     params = SMOKE if args.smoke else FULL
     exit_on_sigterm()
-    run = Run(params)
+    run = Run(params, litellm=args.litellm)
     run.data.update(
         benchmark="suite", smoke=params.smoke, machine=machine(), params=dataclasses.asdict(params)
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway import heap
 from gateway.app import SIMULATOR_PREFIX, GatewayApp, create_app
 from gateway.config import LOG_FORMATS, ConfigError, ServerConfig, describe_config, load_config
 from gateway.demo import demo_config, demo_models
@@ -215,13 +216,16 @@ def app_factory() -> GatewayApp:
     if path is not None:
         config = load_config(path)
         HeaderTimeoutProtocol.header_timeout_s = config.server.header_timeout_s
-        return create_app(
+        app = create_app(
             config,
             workers=int(os.environ.get(_WORKERS_ENV, "1")),
             config_path=Path(path),
             watch_config=bool(os.environ.get(_WATCH_ENV)),
         )
-    return create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
+    else:
+        app = create_app(demo_config(os.environ[_DEMO_URL_ENV]), with_simulator=True)
+    heap.settle()  # what start-up built stays out of the collector's way
+    return app
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from gateway.protocols.api import Api, Assembly, Translation
 from gateway.responses import ResponseWriter
 from gateway.sse import Event
 from gateway.upstream import Upstream
-from gateway.upstream_reader import ContentEvents, IdleWatchdog, read_whole
+from gateway.upstream_reader import ContentEvents, IdleExpired, IdleWatchdog, read_whole
 
 
 class Delivery:
@@ -70,7 +70,7 @@ class Delivery:
         batch: list[Event] | None = first
         traced = exchange.trace is not None
         with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s)
+            watchdog = IdleWatchdog(idle_scope, idle_s, events.interrupt)
             try:
                 while batch is not None:
                     last = events.ended
@@ -86,6 +86,8 @@ class Delivery:
                     if events.live:  # counted from here, so a slow client is not an idle upstream
                         exchange.last_content_at = watchdog.touch()
                     batch = await events.next_batch()
+            except IdleExpired:
+                pass  # the watchdog woke the read: fired, as below
             finally:
                 watchdog.stop()
                 record.max_gap_s = watchdog.max_gap
@@ -102,11 +104,13 @@ class Delivery:
         exchange = self.exchange
         idle_s = exchange.budget.idle_s
         with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s)
+            watchdog = IdleWatchdog(idle_scope, idle_s, events.interrupt)
             try:
                 while not events.done and await events.next_batch() is not None:
                     if events.live:
                         exchange.last_content_at = watchdog.touch()
+            except IdleExpired:
+                pass  # the watchdog woke the read: fired, as below
             finally:
                 watchdog.stop()
                 record.max_gap_s = watchdog.max_gap

@@ -1,11 +1,16 @@
 """Reading an upstream's answer (I/O helpers of the relay): its content events a chunk at a
-time, the first token among them, the idle watchdog that bounds the gaps, a bounded error body.
+time, the first token among them, the idle watchdogs that bound the gaps, a bounded error body.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import heapq
+import itertools
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import aiohttp
 import anyio
@@ -48,6 +53,7 @@ class ContentEvents:
         self._keep_parsing = assembler is not None or rules.terminal_required
         self._strict = rules.terminal_required or translator is not None
         self._parse = True
+        self._reading = False  # waiting for the upstream's next chunk
         self.token_seen = False
         self.live = False  # the last batch had something besides keep-alives
         self.ended = False  # the stream's last event came (`[DONE]`, `message_stop`, ...)
@@ -57,7 +63,11 @@ class ContentEvents:
     async def next_batch(self) -> list[Event] | None:
         """The content events of the next chunk that has any; None at the end of the stream."""
         while not self.done:
-            chunk = await self._content.readany()
+            self._reading = True
+            try:
+                chunk = await self._content.readany()
+            finally:
+                self._reading = False
             if chunk:
                 if self._left is not None:
                     self._left -= len(chunk)
@@ -82,6 +92,15 @@ class ContentEvents:
                 code="upstream_protocol_error",
             )
         return None
+
+    def interrupt(self, error: Exception) -> bool:
+        """End the wait for the upstream's next chunk with `error` (raised by `next_batch`);
+        False if nothing is waiting for one. Waking the read costs far less than cancelling
+        the task, which matters when thousands of stalls expire at once."""
+        if not self._reading:
+            return False
+        self._content.set_exception(error)
+        return True
 
     async def until_token(self) -> list[Event] | None:
         """Every event up to the chunk with the first token; None if the stream ends first."""
@@ -160,18 +179,37 @@ def _last_usage(batch: list[Event], rules: StreamRules) -> dict[str, Any] | None
     return None
 
 
-class IdleWatchdog:
-    """Cancels `scope` when `idle_s` pass without `touch()`: one timer handle per stream,
-    re-armed only when it fires early, so relaying an event costs a clock read."""
+class IdleExpired(Exception):
+    """The watchdog's `idle_s` passed while the stream waited for the upstream."""
 
-    def __init__(self, scope: anyio.CancelScope, idle_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._scope = scope
+
+class IdleWatchdog:
+    """Ends a stream when `idle_s` pass without `touch()`: it wakes the wait for the upstream's
+    next chunk with IdleExpired (`interrupt`), or, if the stream is busy elsewhere (writing to
+    a slow client), cancels `scope`. Relaying an event costs a clock read: the deadline is
+    checked, and moved, only when it comes up on the loop's `IdleWatchdogs`."""
+
+    def __init__(
+        self,
+        scope: anyio.CancelScope,
+        idle_s: float,
+        interrupt: Callable[[Exception], bool] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._scope: anyio.CancelScope | None = scope
+        self._interrupt = interrupt
         self._idle_s = idle_s
-        self._last = self._loop.time()
-        self._timer = self._loop.call_at(self._last + idle_s, self._check)
+        self._last = loop.time()
         self.fired = False
+        self.stopped = False
         self.max_gap = 0.0  # the longest gap between touches: a stream's worst stall
+        self._watchdogs = IdleWatchdogs.of(loop)
+        self._watchdogs.add(self, self._last + idle_s)
+
+    @property
+    def due(self) -> float:
+        return self._last + self._idle_s
 
     def touch(self) -> float:
         now = self._loop.time()
@@ -181,17 +219,94 @@ class IdleWatchdog:
         return now
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self.stopped:
+            return
+        self.stopped = True
+        self._scope = self._interrupt = None  # its heap entry may outlive the stream
+        if not self.fired:  # a fired one's entry has left the heap
+            self._watchdogs.retired()
         if self.fired:
             self.max_gap = max(self.max_gap, self._loop.time() - self._last)
 
-    def _check(self) -> None:
-        due = self._last + self._idle_s
-        if self._loop.time() >= due:
-            self.fired = True
+    def fire(self) -> None:
+        self.fired = True
+        if self._interrupt is not None and self._interrupt(IdleExpired()):
+            return
+        if self._scope is not None:
             self._scope.cancel()
-        else:
-            self._timer = self._loop.call_at(due, self._check)
+
+
+class IdleWatchdogs:
+    """Every idle watchdog of one event loop on one timer: a heap of deadlines read by one
+    `call_at`. A deadline that comes up early (the stream was touched since) moves back into
+    the heap. Stalls that expire together are ended BATCH at a time, a loop turn each, so
+    the requests and events that arrive meanwhile are served between the batches instead of
+    after all of them."""
+
+    BATCH = 32
+    COMPACT_AT = 1024
+    _loops: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleWatchdogs]] = (
+        weakref.WeakKeyDictionary()
+    )  # one per loop, made on first use: a loop belongs to one thread
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[tuple[float, int, IdleWatchdog]] = []
+        self._order = itertools.count()  # ties in the heap never compare watchdogs
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = math.inf
+        self._stale = 0  # entries of stopped watchdogs, left in the heap until they come up
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> IdleWatchdogs:
+        watchdogs = cls._loops.get(loop)
+        if watchdogs is None:
+            watchdogs = cls._loops[loop] = cls(loop)
+        return watchdogs
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, watchdog: IdleWatchdog, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._order), watchdog))
+        if due < self._timer_at:
+            self._arm(due)
+
+    def retired(self) -> None:
+        """A watchdog stopped. Its entry stays until it comes up, unless stale entries are
+        most of a large heap (streams that end long before idle_s, many of them): then the
+        heap is rebuilt without them, so it holds about as many entries as live streams."""
+        self._stale += 1
+        if self._stale > self.COMPACT_AT and self._stale * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].stopped]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        heap, now, ended = self._heap, self._loop.time(), 0
+        while heap and heap[0][0] <= now:
+            _, _, watchdog = heapq.heappop(heap)
+            if watchdog.stopped:
+                self._stale -= 1
+                continue
+            due = watchdog.due
+            if due > now:  # touched since it was filed
+                heapq.heappush(heap, (due, next(self._order), watchdog))
+                continue
+            watchdog.fire()
+            ended += 1
+            if ended == self.BATCH and heap and heap[0][0] <= now:
+                self._timer, self._timer_at = self._loop.call_soon(self._expire), now
+                return
+        if heap:
+            self._arm(heap[0][0])
 
 
 class ResponseTooLarge(ValueError):

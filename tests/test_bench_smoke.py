@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "latency", "streaming", "deadline", "stalls", "targets")
+SECTIONS = ("throughput", "latency", "streaming", "llm", "answers", "deadline", "stalls", "targets")
 
 
 def _positive(value: Any, where: str) -> float:
@@ -52,7 +52,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=200,
         check=False,
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
@@ -61,7 +61,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
 def test_every_section_is_there_and_finite(smoke: dict[str, Any]) -> None:
     assert smoke["smoke"] is True
     assert "error" not in smoke
@@ -71,7 +71,7 @@ def test_every_section_is_there_and_finite(smoke: dict[str, Any]) -> None:
     _finite_everywhere(smoke)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
 def test_throughput_and_the_upstream_is_not_the_bottleneck(smoke: dict[str, Any]) -> None:
     tp = smoke["throughput"]
     for path in ("direct", "nginx", "gateway w1", "gateway w2"):
@@ -83,7 +83,7 @@ def test_throughput_and_the_upstream_is_not_the_bottleneck(smoke: dict[str, Any]
     assert check["direct_max_rps"] > check["gateway_max_rps"]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
 def test_latency_streaming_and_deadline(smoke: dict[str, Any]) -> None:
     for rate, per_path in smoke["latency"]["rates"].items():
         for path in ("direct", "nginx", "gateway w1"):
@@ -103,7 +103,27 @@ def test_latency_streaming_and_deadline(smoke: dict[str, Any]) -> None:
     assert "p99_ms" in dl["late_vs_deadline"]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
+def test_llm_shaped_traffic(smoke: dict[str, Any]) -> None:
+    llm = smoke["llm"]
+    for path, s in llm["paths"].items():
+        assert s["ok"] == llm["streams"] > 0, f"LLM-shaped streams via {path}: {s}"
+        _positive(s["ttft"]["p99_ms"], f"LLM-shaped TTFT {path}")
+        _positive(s["gap"]["p99_ms"], f"LLM-shaped gap {path}")
+    (gateway,) = [s for path, s in llm["paths"].items() if path != "direct"]
+    _positive(gateway["cpu"]["us_per_event"], "CPU per relayed LLM-shaped event")
+    assert "p99_ms" in gateway["added"]["gap"]
+    assembled = llm["assembled"]
+    assert assembled["ok"] == llm["streams"]
+    _positive(assembled["cpu"]["us_per_event"], "CPU per assembled event")
+    answers = smoke["answers"]
+    for kind in ("default", "opt_out"):
+        _positive(answers[kind]["us_per_request"], f"CPU per 12-event answer, {kind}")
+        _positive(answers[kind]["rps"], f"12-event answers per second, {kind}")
+    _positive(answers["lone_stream"]["us_per_event"], "CPU per event of a lone stream")
+
+
+@pytest.mark.timeout(230)
 def test_stalled_streams(smoke: dict[str, Any]) -> None:
     (run,) = smoke["stalls"]["runs"]
     assert run["streams"] == run["requested"] > 0
@@ -115,9 +135,12 @@ def test_stalled_streams(smoke: dict[str, Any]) -> None:
     _positive(run["healthy_during"]["latency"]["p99_ms"], "healthy p99 during stalls")
     _positive(run["healthy_baseline"]["latency"]["p99_ms"], "healthy p99 baseline")
     assert run["upstream_streams_left"] == 0
+    expiry = run["expiry"]
+    assert expiry["healthy_requests"] > 0, expiry
+    assert math.isfinite(expiry["healthy_added_p99_ms"])
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(230)
 def test_targets_are_reported(smoke: dict[str, Any]) -> None:
     targets = smoke["targets"]
     assert len(targets) >= 12
