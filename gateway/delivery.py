@@ -8,7 +8,8 @@ an upstream or retries.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
@@ -69,28 +70,21 @@ class Delivery:
         exchange.committed = True
         batch: list[Event] | None = first
         traced = exchange.trace is not None
-        with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s, events.interrupt)
-            try:
-                while batch is not None:
-                    last = events.ended
-                    exchange.finishing = last
-                    raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
-                    if traced and (reasons := finish_reasons(raw)):
-                        exchange.finish_reasons = reasons
-                    exchange.chunks += len(batch)
-                    await self.writer.body(raw, more=not last)
-                    if last:
-                        exchange.usage = events.usage
-                        return
-                    if events.live:  # counted from here, so a slow client is not an idle upstream
-                        exchange.last_content_at = watchdog.touch()
-                    batch = await events.next_batch()
-            except IdleExpired:
-                pass  # the watchdog woke the read: fired, as below
-            finally:
-                watchdog.stop()
-                record.max_gap_s = watchdog.max_gap
+        with _watched(events, idle_s, record) as watchdog:
+            while batch is not None:
+                last = events.ended
+                exchange.finishing = last
+                raw = batch[0].raw if len(batch) == 1 else b"".join(e.raw for e in batch)
+                if traced and (reasons := finish_reasons(raw)):
+                    exchange.finish_reasons = reasons
+                exchange.chunks += len(batch)
+                await self.writer.body(raw, more=not last)
+                if last:
+                    exchange.usage = events.usage
+                    return
+                if events.live:  # counted from here, so a slow client is not an idle upstream
+                    exchange.last_content_at = watchdog.touch()
+                batch = await events.next_batch()
         if watchdog.fired:
             raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-stream.")
         exchange.finishing = True
@@ -103,17 +97,10 @@ class Delivery:
         still fall over), then answer with the non-streaming body it adds up to."""
         exchange = self.exchange
         idle_s = exchange.budget.idle_s
-        with anyio.CancelScope() as idle_scope:
-            watchdog = IdleWatchdog(idle_scope, idle_s, events.interrupt)
-            try:
-                while not events.done and await events.next_batch() is not None:
-                    if events.live:
-                        exchange.last_content_at = watchdog.touch()
-            except IdleExpired:
-                pass  # the watchdog woke the read: fired, as below
-            finally:
-                watchdog.stop()
-                record.max_gap_s = watchdog.max_gap
+        with _watched(events, idle_s, record) as watchdog:
+            while not events.done and await events.next_batch() is not None:
+                if events.live:
+                    exchange.last_content_at = watchdog.touch()
         if watchdog.fired:
             raise BudgetExceeded("idle", f"No token for idle_s ({idle_s:g}s) mid-answer.")
         if not assembler.finished:
@@ -163,3 +150,19 @@ def _warn_no_usage(upstream: Upstream) -> None:
             "usage; set upstream_stream: false on its routes to get the upstream's own",
             upstream.name,
         )
+
+
+@contextmanager
+def _watched(events: ContentEvents, idle_s: float, record: Attempt) -> Iterator[IdleWatchdog]:
+    """The body reads `events` under `idle_s`: when the watchdog fires it wakes the read
+    (IdleExpired) or cancels the body, which then ends quietly with `watchdog.fired` set; the
+    stream's longest gap goes in `record`."""
+    with anyio.CancelScope() as idle_scope:
+        watchdog = IdleWatchdog(idle_scope, idle_s, events.interrupt)
+        try:
+            yield watchdog
+        except IdleExpired:
+            pass  # the watchdog woke the read: the caller sees `fired`
+        finally:
+            watchdog.stop()
+            record.max_gap_s = watchdog.max_gap
